@@ -1,0 +1,38 @@
+"""llama3vision_min: a short, readable reimplementation of qresearch's llama-3-vision-alpha.
+
+Read the pipeline in this order:
+
+1. ``prompt.py``      -- the Llama 3 chat prompt with ``<image>`` in the user turn
+2. ``token_split.py`` -- ``tokenizer_image_token``: text -> ids with the -200 sentinel
+3. ``image.py``       -- picture -> pixel values -> SigLIP features (``hidden_states[-2]``)
+4. ``projector.py``   -- ``ProjectionModule``: Linear -> GELU -> Linear, 1152 -> 4096
+5. ``splice.py``      -- ``process_tensors``: token embeddings + image features + attention mask
+6. ``generation.py``  -- stop tokens, sampling defaults, multi-turn chat
+7. ``model.py``       -- ``LlamaVision``: forward, ``answer_question``
+8. ``loading.py``     -- both checkpoint forms, safely
+"""
+
+from .constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+from .loading import load_projector
+from .model import LlamaVision
+from .projector import ProjectionModule
+from .prompt import build_chat_prompt, build_prompt
+from .splice import SplicedBatch, process_tensors, splice_batch
+from .token_split import tokenizer_image_token
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER",
+    "IMAGE_TOKEN_INDEX",
+    "LlamaVision",
+    "ProjectionModule",
+    "SplicedBatch",
+    "build_chat_prompt",
+    "build_prompt",
+    "load_projector",
+    "process_tensors",
+    "splice_batch",
+    "tokenizer_image_token",
+]

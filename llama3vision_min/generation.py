@@ -1,0 +1,71 @@
+"""Step 6 of the pipeline: generation settings, and a multi-turn chat.
+
+The original samples at temperature 0.2 and stops on ``<|eot_id|>``. Llama 3's own
+config names only ``<|end_of_text|>`` (or a list) as its end token, so unless
+``<|eot_id|>`` is passed as an end token the model writes past the end of its turn.
+The original did that by setting ``tokenizer.eos_token = "<|eot_id|>"`` -- which
+changes the caller's tokenizer. Here both ids are passed to ``generate`` instead and
+the tokenizer is left alone.
+"""
+
+from .constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EOT_TOKEN
+from .prompt import build_chat_prompt
+
+
+def stop_token_ids(tokenizer):
+    """The tokenizer's eos id and the id of ``<|eot_id|>`` (when the vocabulary has it)."""
+    ids = []
+    for token_id in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT_TOKEN)):
+        if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def generation_kwargs(tokenizer, overrides):
+    """Keyword arguments for ``generate``: the original's defaults, then the caller's overrides."""
+    stops = stop_token_ids(tokenizer)
+    kwargs = {
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+        "do_sample": True,
+        "temperature": DEFAULT_TEMPERATURE,
+        "eos_token_id": stops,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+    }
+    kwargs.update(overrides)
+    if not kwargs["do_sample"] and "temperature" not in overrides:
+        del kwargs["temperature"]  # greedy: a temperature would only trigger a warning
+    return kwargs
+
+
+def cut_at_stop(ids, stops):
+    """Keep a row of generated ids up to and including its first stop token (drops batch padding)."""
+    for i, token_id in enumerate(ids.tolist()):
+        if token_id in stops:
+            return ids[: i + 1]
+    return ids
+
+
+class ChatSession:
+    """A conversation about one picture that keeps the picture in context on every turn.
+
+    The original chat script re-tokenised the history without the image after the first
+    turn, so follow-up questions were answered blind. Here every turn is answered from
+    the full prompt: the image in the first user turn, then all earlier questions and
+    answers. Create one with ``LlamaVision.chat(image, tokenizer)``.
+    """
+
+    def __init__(self, model, image, tokenizer, **generate_kwargs):
+        self.model = model
+        self.image = image
+        self.tokenizer = tokenizer
+        self.generate_kwargs = generate_kwargs
+        self.history = []  # [(question, answer), ...]
+
+    def ask(self, question, **generate_kwargs):
+        """Answer ``question`` about the picture, remembering the conversation so far; returns text."""
+        prompt = build_chat_prompt(self.history + [(question, None)])
+        ids = self.model.generate_from_prompts([prompt], [[self.image]], self.tokenizer,
+                                               **{**self.generate_kwargs, **generate_kwargs})[0]
+        answer = self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.history.append((question, answer))
+        return answer

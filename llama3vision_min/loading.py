@@ -1,0 +1,315 @@
+"""Checkpoint loading and saving, for both published forms, without ``trust_remote_code``.
+
+* The **alpha form** (``qresearch/llama-3-vision-alpha``): a Llama 3 LLM and a SigLIP
+  model loaded as they are, plus ``mm_projector.bin``, the trained projector.
+* The **-hf form** (``qresearch/llama-3-vision-alpha-hf``): one folder with a
+  ``config.json`` holding ``text_config`` and ``vision_config``, and safetensors whose
+  keys start with ``text_model.``, ``vision_model.`` or ``mm_projector.``.
+
+Pickled ``.bin`` files are read with ``torch.load(..., weights_only=True)``: a file that
+tries to run code while loading is refused, and the code does not run.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .projector import ProjectionModule
+
+PROJECTOR_KEY = re.compile(r"^(?:model\.mm_projector\.|mm_projector\.model\.|mm_projector\.|model\.)([02])\.(weight|bias)$")
+"""The projector's key forms: LLaVA (``model.mm_projector.0.weight``), prefixed
+(``mm_projector.model.0.weight``), bare LLaVA (``mm_projector.0.weight``) and stripped
+(``model.0.weight``). All become ``model.0.weight``."""
+
+PREFIXES = ("text_model.", "vision_model.", "mm_projector.")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+# -- reading tensors safely --------------------------------------------------------------
+def read_state_dict(path):
+    """Read a ``.safetensors`` or ``.bin``/``.pt`` file into a dict of CPU tensors, safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"expected a checkpoint file, but {path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    if path.suffix in (".bin", ".pt", ".pth"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"refused to load {path}: it is not a plain tensor pickle that weights_only=True accepts "
+                f"({type(error).__name__}); nothing in it was executed"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} does not hold a dict of tensors")
+        return state
+    raise ValueError(f"expected a .safetensors or .bin projector file, got {path.name}")
+
+
+# -- the projector ------------------------------------------------------------------------
+def projector_state_dict(state, source="projector file"):
+    """Map any of the projector key forms onto ``model.0.*`` / ``model.2.*``."""
+    out, unknown = {}, []
+    for key, tensor in state.items():
+        match = PROJECTOR_KEY.match(key)
+        if match is None:
+            unknown.append(key)
+        else:
+            out[f"model.{match.group(1)}.{match.group(2)}"] = tensor
+    expected = {f"model.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    if unknown or set(out) != expected:
+        raise ValueError(
+            f"{source}: expected projector keys like model.mm_projector.0.weight, model.0.weight or "
+            f"mm_projector.model.0.weight (layers 0 and 2, weight and bias); found {sorted(state)[:8]}"
+        )
+    return out
+
+
+def load_projector(path, mm_hidden_size=None, hidden_size=None):
+    """Load a projector from ``.bin`` or ``.safetensors``; shapes come from the file.
+
+    If ``mm_hidden_size`` / ``hidden_size`` are given and the file disagrees, a
+    ``ValueError`` names the expected and the found shapes.
+    """
+    state = projector_state_dict(read_state_dict(path), source=str(path))
+    found_hidden, found_mm = state["model.0.weight"].shape  # Linear stores (out, in)
+    expected = (hidden_size or found_hidden, mm_hidden_size or found_mm)
+    if (found_hidden, found_mm) != expected:
+        raise ValueError(
+            f"{path}: expected a projector {expected[1]} -> {expected[0]} (model.0.weight of shape {expected}), "
+            f"found model.0.weight of shape {(found_hidden, found_mm)}"
+        )
+    if tuple(state["model.2.weight"].shape) != (found_hidden, found_hidden):
+        raise ValueError(f"{path}: expected model.2.weight of shape {(found_hidden, found_hidden)}, "
+                         f"found {tuple(state['model.2.weight'].shape)}")
+    projector = ProjectionModule(found_mm, found_hidden)
+    projector.load_state_dict(state)
+    return projector.to(state["model.0.weight"].dtype)
+
+
+# -- the -hf layout -----------------------------------------------------------------------
+def _resolve_folder(path_or_hub_id, allow_patterns):
+    """A local folder as it is, or a Hub repository downloaded (weights and json only, no code)."""
+    local = Path(path_or_hub_id)
+    if local.is_dir():
+        return local
+    if local.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
+        raise ValueError(f"expected a model folder or a Hub id like 'owner/name', got {path_or_hub_id!r}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=allow_patterns))
+    except Exception as error:
+        raise ValueError(f"could not download {path_or_hub_id!r} from the Hugging Face Hub: "
+                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def load_tokenizer(path_or_hub_id):
+    """The tokenizer saved beside a checkpoint (a fast tokenizer, as Llama 3 ships).
+
+    ``PreTrainedTokenizerFast`` is used rather than ``AutoTokenizer`` because the latter
+    also reads ``config.json``, whose ``llamavision`` type transformers does not know.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.safetensors", "tokenizer*"])
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"expected tokenizer.json in {folder}")
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def _sub_configs(config):
+    """Build the text and vision transformers configs from the -hf ``config.json`` dict."""
+    from transformers import AutoConfig, SiglipVisionConfig
+
+    text, vision = config.get("text_config"), config.get("vision_config")
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ValueError("expected a llama-3-vision-alpha-hf config.json with 'text_config' and 'vision_config', "
+                         f"found keys {sorted(config)}")
+    text = dict(text)
+    text_config = AutoConfig.for_model(text.pop("model_type", "llama"), **text)
+    vision = dict(vision.get("vision_config", vision))  # a full SigLIP config nests the vision part
+    vision.pop("model_type", None)
+    return text_config, SiglipVisionConfig(**vision)
+
+
+def _weight_files(folder):
+    index = folder / INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise ValueError(f"expected {WEIGHTS_NAME} or {INDEX_NAME} in {folder}, found {sorted(p.name for p in folder.iterdir())}")
+
+
+def _route_key(key):
+    """Checkpoint key -> (part, key inside that part), or None for keys of no part.
+
+    SigLIP keys come back flat (``embeddings.patch_embedding.weight``): transformers 4.x
+    nests them under ``vision_model.`` and 5.x does not, so the nesting is decided
+    later by the module that receives them (``_fit_siglip_keys``).
+    """
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            part, inner = prefix[:-1], key[len(prefix):]
+            if part == "vision_model":
+                inner = inner.removeprefix("vision_model.")
+            if part == "mm_projector" and not inner.startswith("model."):
+                inner = "model." + inner
+            return part, inner
+    return None
+
+
+def _fit_siglip_keys(state, vision_model):
+    """Add the nested ``vision_model.`` to flat SigLIP keys when this transformers version expects it."""
+    nested = any(key.startswith("vision_model.") for key in vision_model.state_dict())
+    return {("vision_model." + key if nested else key): tensor for key, tensor in state.items()}
+
+
+def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
+    """Build the three parts with empty weights, then fill them from the safetensors shards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+
+    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.safetensors", "tokenizer*"])
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise ValueError(f"expected {CONFIG_NAME} in {folder}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    text_config, vision_config = _sub_configs(config)
+
+    # Parameters on the meta device: nothing is allocated until the real tensors arrive.
+    with init_empty_weights():
+        parts = {
+            "text_model": AutoModelForCausalLM.from_config(text_config),
+            "vision_model": SiglipVisionModel(vision_config),
+            "mm_projector": ProjectionModule(vision_config.hidden_size, text_config.hidden_size),
+        }
+    states = {name: {} for name in parts}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                routed = _route_key(key)
+                if routed is not None:
+                    states[routed[0]][routed[1]] = handle.get_tensor(key)
+
+    states["vision_model"] = _fit_siglip_keys(states["vision_model"], parts["vision_model"])
+    for name, module in parts.items():
+        result = module.load_state_dict(states[name], strict=False, assign=True)
+        missing = [k for k in result.missing_keys if not (name == "text_model" and k == "lm_head.weight"
+                                                           and text_config.tie_word_embeddings)]
+        if missing:
+            raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
+        if result.unexpected_keys:
+            raise ValueError(f"{folder}: unexpected {name} weights, e.g. {result.unexpected_keys[:3]}")
+    if text_config.tie_word_embeddings:
+        parts["text_model"].tie_weights()
+
+    model = cls(**parts)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _part_state_dicts(model):
+    """The model's tensors with the -hf prefixes; a tied lm_head is stored once (as the embeddings).
+
+    SigLIP keys are written nested (``vision_model.vision_model.embeddings...``), as
+    transformers 4.x -- the official checkpoint's era -- names them, whatever version runs.
+    """
+    state = {}
+    for name in PREFIXES:
+        for key, tensor in getattr(model, name[:-1]).state_dict().items():
+            if name == "vision_model.":
+                key = "vision_model." + key.removeprefix("vision_model.")
+            state[name + key] = tensor
+    if getattr(model.text_model.config, "tie_word_embeddings", False):
+        state.pop("text_model.lm_head.weight", None)
+    return state
+
+
+def save_hf_layout(model, path, max_shard_size="5GB"):
+    """Write ``config.json`` and safetensors shards in the -hf layout."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "llamavision",
+        "architectures": ["LlamaVision"],
+        "image_token_index": -200,
+        "text_config": model.text_model.config.to_dict(),
+        "vision_config": model.vision_model.config.to_dict(),
+    }
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in _part_state_dicts(model).items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({key: state[key] for key in keys}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -- the alpha form -----------------------------------------------------------------------
+def _projector_file(projector):
+    """A projector file path, a folder holding one, or a Hub repo id (``mm_projector.bin`` in it)."""
+    local = Path(projector)
+    if local.is_file():
+        return local
+    if local.is_dir():
+        for name in ("mm_projector.safetensors", "mm_projector.bin"):
+            if (local / name).is_file():
+                return local / name
+        raise ValueError(f"expected mm_projector.safetensors or mm_projector.bin in {local}")
+    folder = _resolve_folder(projector, ["mm_projector.*"])
+    return _projector_file(folder)
+
+
+def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
+    """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision``."""
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+
+    llm_kwargs = {"dtype": dtype}
+    if load_in_4bit or load_in_8bit:
+        if not torch.cuda.is_available():
+            raise ValueError("4-bit/8-bit loading uses bitsandbytes and needs a CUDA GPU; none was found")
+        from transformers import BitsAndBytesConfig
+
+        llm_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+            bnb_4bit_compute_dtype=dtype or torch.float16,
+        )
+        llm_kwargs["device_map"] = {"": device or 0}
+
+    projector_module = load_projector(_projector_file(projector))
+    text_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
+    vision_model = SiglipVisionModel.from_pretrained(vision, dtype=dtype)
+    if projector_module.mm_hidden_size != vision_model.config.hidden_size:
+        raise ValueError(f"the projector takes {projector_module.mm_hidden_size}-wide features but the vision "
+                         f"model gives {vision_model.config.hidden_size}")
+    if projector_module.hidden_size != text_model.config.hidden_size:
+        raise ValueError(f"the projector gives {projector_module.hidden_size}-wide vectors but the LLM "
+                         f"embeds in {text_model.config.hidden_size}")
+
+    model = cls(vision_model=vision_model, text_model=text_model, mm_projector=projector_module)
+    if not (load_in_4bit or load_in_8bit):
+        model.text_model.to(device=device)
+    model.vision_model.to(device=device)
+    model.mm_projector.to(device=device, dtype=dtype or vision_model.dtype)
+    return model.eval()

@@ -1,0 +1,139 @@
+"""The model: a frozen SigLIP tower, a trained projector and a frozen Llama 3, wired together.
+
+    picture --SigLIP--> (n, 729, 1152) --projector--> (n, 729, 4096) --.
+    prompt --tokenizer_image_token--> ids with -200 --embed + splice--> (batch, T, 4096) --Llama 3--> answer
+
+``LlamaVision`` keeps the attribute and method names of the official remote model
+(``text_model``, ``vision_model``, ``mm_projector``, ``processor``,
+``tokenizer_image_token``, ``process_tensors``, ``answer_question``) so code written
+for one runs on the other -- without ``trust_remote_code``.
+"""
+
+import torch
+from torch import nn
+
+from . import loading
+from .generation import ChatSession, cut_at_stop, generation_kwargs, stop_token_ids
+from .image import make_processor, preprocess_images, vision_features
+from .prompt import build_prompt
+from .splice import process_tensors, splice_batch
+from .token_split import tokenizer_image_token
+
+
+class LlamaVision(nn.Module):
+    """Any SigLIP-style vision model + any Llama-style causal LM + a ``ProjectionModule``."""
+
+    def __init__(self, vision_model, text_model, mm_projector, processor=None):
+        super().__init__()
+        self.vision_model = vision_model
+        self.text_model = text_model
+        self.mm_projector = mm_projector
+        self.processor = processor if processor is not None else make_processor(self.image_size)
+
+    # The official model exposes the two helpers as methods too.
+    tokenizer_image_token = staticmethod(tokenizer_image_token)
+    process_tensors = staticmethod(process_tensors)
+
+    # -- loading and saving (the code lives in loading.py) ---------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, dtype=None, device=None):
+        """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id)."""
+        return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device)
+
+    @classmethod
+    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
+        """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
+
+        Swapping the LLM is changing ``llm``: the projector is reused as it is.
+        """
+        return loading.load_alpha_form(cls, llm, vision, projector, dtype=dtype, device=device,
+                                       load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+
+    def save_pretrained(self, path):
+        """Write this model in the ``-hf`` layout that ``from_pretrained`` reads."""
+        loading.save_hf_layout(self, path)
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def image_size(self):
+        return self.vision_model.config.image_size
+
+    @property
+    def device(self):
+        return self.text_model.get_input_embeddings().weight.device
+
+    # -- image side ------------------------------------------------------------------------
+    def preprocess(self, images):
+        """PIL images -> pixel values (n_images, 3, image_size, image_size)."""
+        return preprocess_images(images, self.processor, self.image_size)
+
+    def project(self, vision_feats):
+        """Run the projector in its own dtype; returns (n_images, n_patches, text_hidden)."""
+        weight = self.mm_projector.model[0].weight
+        return self.mm_projector(vision_feats.to(device=weight.device, dtype=weight.dtype))
+
+    def encode_images(self, pixel_values):
+        """Pixel values -> projected image features (n_images, n_patches, text_hidden)."""
+        return self.project(vision_features(self.vision_model, pixel_values))
+
+    # -- training / scoring ----------------------------------------------------------------
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                vision_features=None, padding_side="right", **kwargs):
+        """Logits (and, with ``labels``, the loss) for prompts that contain ``-200`` sentinels.
+
+        input_ids:       (batch, L) ids with one sentinel per image
+        pixel_values:    (n_images, 3, H, W), images in reading order of the sentinels
+        vision_features: (n_images, n_patches, vision_hidden), instead of ``pixel_values``
+                         (cached features of the frozen vision tower, for training)
+        labels:          (batch, L) with -100 on prompt positions; image positions get -100 here.
+                         The loss is the mean cross-entropy over the positions that are not -100.
+        """
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("forward needs pixel_values or vision_features")
+            image_features = self.encode_images(pixel_values)
+        else:
+            image_features = self.project(vision_features)
+        batch = splice_batch(input_ids, image_features, self.text_model.get_input_embeddings(),
+                             attention_mask=attention_mask, labels=labels, padding_side=padding_side)
+        return self.text_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, labels=batch.labels, **kwargs)
+
+    # -- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_from_prompts(self, prompts, images_per_prompt, tokenizer, **generate_kwargs):
+        """Generate for a batch of prompts (each with its own images); returns one 1-D id tensor each.
+
+        Rows are left-padded so every prompt ends where generation begins.
+        """
+        ids = [tokenizer_image_token(prompt, tokenizer) for prompt in prompts]
+        images = [image for group in images_per_prompt for image in group]
+        image_features = self.encode_images(self.preprocess(images))  # (n_images, n_patches, hidden)
+        batch = splice_batch(ids, image_features, self.text_model.get_input_embeddings(), padding_side="left")
+        kwargs = generation_kwargs(tokenizer, generate_kwargs)
+        # With only inputs_embeds, generate returns the new tokens alone: (batch, n_new)
+        new_tokens = self.text_model.generate(inputs_embeds=batch.inputs_embeds,
+                                              attention_mask=batch.attention_mask, **kwargs)
+        if len(prompts) == 1:
+            return [new_tokens[0]]
+        stops = stop_token_ids(tokenizer)
+        return [cut_at_stop(row, stops) for row in new_tokens]
+
+    def answer_question(self, image, question, tokenizer, **generate_kwargs):
+        """Answer one question about one picture; returns the generated ids (1-D), like the original.
+
+        Decode them with ``tokenizer.decode(ids, skip_special_tokens=True)``. Sampling at
+        temperature 0.2 by default; pass ``do_sample=False`` for greedy, ``streamer=`` to stream.
+        """
+        return self.generate_from_prompts([build_prompt(question)], [[image]], tokenizer, **generate_kwargs)[0]
+
+    def answer_questions(self, images, questions, tokenizer, **generate_kwargs):
+        """Answer a batch: ``questions[i]`` about ``images[i]``, all in one left-padded ``generate`` call."""
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        prompts = [build_prompt(question) for question in questions]
+        return self.generate_from_prompts(prompts, [[image] for image in images], tokenizer, **generate_kwargs)
+
+    def chat(self, image, tokenizer, **generate_kwargs):
+        """Start a multi-turn conversation about ``image`` (see ``ChatSession``)."""
+        return ChatSession(self, image, tokenizer, **generate_kwargs)

@@ -1,0 +1,44 @@
+"""Step 2 of the pipeline: turn the prompt text into ids, with -200 where the image goes.
+
+The prompt is split on ``<image>``. Each chunk is tokenized on its own with the
+tokenizer's default special tokens, so *every* chunk comes back starting with
+``<|begin_of_text|>``. Only the first chunk keeps it: the BOS of every later chunk is
+dropped (a BOS in the middle of a sequence would be a token the model never saw
+there). The sentinel ``-200`` is put between chunks::
+
+    "<|start_header_id|>user<|end_header_id|>\\n\\n<image>what is this?<|eot_id|>..."
+    chunk 0 -> [BOS, start_header, "user", end_header, "\\n\\n"]
+    chunk 1 -> [BOS, "what", " is", " this", "?", eot, ...]   (BOS dropped)
+    ids     -> [BOS, start_header, "user", end_header, "\\n\\n", -200, "what", ...]
+
+Tokenizing the chunks apart (instead of the whole prompt) is what the original does,
+and it matters: a byte-level BPE may merge ``\\n\\n`` with the next word when they
+touch, so the two ways can give different ids.
+"""
+
+import torch
+
+from .constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+
+
+def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX, return_tensors=None):
+    """Tokenize ``prompt`` and put ``image_token_index`` where each ``<image>`` stands.
+
+    Works for any number of ``<image>`` placeholders (zero included). Returns a 1-D
+    ``torch.LongTensor``; ``return_tensors`` is accepted for compatibility with the
+    official signature and may be ``None`` or ``"pt"``.
+    """
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+
+    chunks = prompt.split(IMAGE_PLACEHOLDER)
+    chunk_ids = [list(tokenizer(chunk).input_ids) for chunk in chunks]
+
+    ids = chunk_ids[0]
+    adds_bos = len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+    for later in chunk_ids[1:]:
+        ids.append(image_token_index)
+        ids.extend(later[1:] if adds_bos else later)
+    return torch.tensor(ids, dtype=torch.long)  # (seq_len,)
