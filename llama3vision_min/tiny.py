@@ -121,7 +121,10 @@ def build_tiny(path=None, size="tiny", seed=0):
     from .model import LlamaVision
 
     if path is None:
-        path = Path(tempfile.gettempdir()) / f"llama3vision_min-v{TINY_FORMAT}-{size}-seed{seed}"
+        import transformers
+
+        major = transformers.__version__.split(".")[0]  # files written by one major version are not reused by another
+        path = Path(tempfile.gettempdir()) / f"llama3vision_min-v{TINY_FORMAT}-tf{major}-{size}-seed{seed}"
     path = Path(path)
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
