@@ -85,3 +85,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def main_entry():
+    """Console-script entry point (``llama3vision-min ask ...``)."""
+    raise SystemExit(main())

@@ -25,6 +25,9 @@ PROJECTOR_KEY = re.compile(r"^(?:model\.mm_projector\.|mm_projector\.model\.|mm_
 (``mm_projector.model.0.weight``), bare LLaVA (``mm_projector.0.weight``) and stripped
 (``model.0.weight``). All become ``model.0.weight``."""
 
+HARMLESS_EXTRA_KEYS = ("rotary_emb.inv_freq", "embeddings.position_ids")
+"""Buffers that older transformers versions saved and newer ones recompute: skipped on load."""
+
 PREFIXES = ("text_model.", "vision_model.", "mm_projector.")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -193,20 +196,24 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
     text_config, vision_config = _sub_configs(config)
 
-    # Parameters on the meta device: nothing is allocated until the real tensors arrive.
-    with init_empty_weights():
-        parts = {
-            "text_model": AutoModelForCausalLM.from_config(text_config),
-            "vision_model": SiglipVisionModel(vision_config),
-            "mm_projector": ProjectionModule(vision_config.hidden_size, text_config.hidden_size),
-        }
-    states = {name: {} for name in parts}
+    states = {"text_model": {}, "vision_model": {}, "mm_projector": {}}
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 routed = _route_key(key)
                 if routed is not None:
                     states[routed[0]][routed[1]] = handle.get_tensor(key)
+    # The pooling head is not used (features come from hidden_states[-2]); a checkpoint may omit it.
+    if not any(key.startswith("head.") for key in states["vision_model"]):
+        vision_config.vision_use_head = False
+
+    # Parameters on the meta device: nothing is allocated twice, the file's tensors are used as they are.
+    with init_empty_weights():
+        parts = {
+            "text_model": AutoModelForCausalLM.from_config(text_config),
+            "vision_model": SiglipVisionModel(vision_config),
+            "mm_projector": ProjectionModule(vision_config.hidden_size, text_config.hidden_size),
+        }
 
     states["vision_model"] = _fit_siglip_keys(states["vision_model"], parts["vision_model"])
     for name, module in parts.items():
@@ -215,8 +222,9 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
                                                            and text_config.tie_word_embeddings)]
         if missing:
             raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
-        if result.unexpected_keys:
-            raise ValueError(f"{folder}: unexpected {name} weights, e.g. {result.unexpected_keys[:3]}")
+        unexpected = [k for k in result.unexpected_keys if not k.endswith(HARMLESS_EXTRA_KEYS)]
+        if unexpected:
+            raise ValueError(f"{folder}: unexpected {name} weights, e.g. {unexpected[:3]}")
     if text_config.tie_word_embeddings:
         parts["text_model"].tie_weights()
 

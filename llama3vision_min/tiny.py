@@ -51,8 +51,11 @@ SIZES = {
 }
 
 
-def tiny_tokenizer(vocab_size=400):
-    """A byte-level BPE tokenizer with Llama 3's special tokens (deterministic: fixed corpus)."""
+def tiny_tokenizer(vocab_size=400, corpus=CORPUS):
+    """A byte-level BPE tokenizer with Llama 3's special tokens, trained on ``corpus``.
+
+    Deterministic: the same corpus and size always give the same vocabulary.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,7 +64,7 @@ def tiny_tokenizer(vocab_size=400):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    core.train_from_iterator(CORPUS, trainer=trainer)
+    core.train_from_iterator(corpus, trainer=trainer)
     core.add_special_tokens(SPECIAL_TOKENS)  # appended after the learned vocabulary, as in Llama 3
     bos = "<|begin_of_text|>"
     core.post_processor = processors.TemplateProcessing(
