@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import loading
-from .generation import ChatSession, cut_at_stop, generation_kwargs, stop_token_ids
+from .generation import ChatSession, cut_at_stop, generation_kwargs
 from .image import make_processor, preprocess_images, vision_features
 from .prompt import build_prompt
 from .splice import process_tensors, splice_batch
@@ -116,7 +116,9 @@ class LlamaVision(nn.Module):
                                               attention_mask=batch.attention_mask, **kwargs)
         if len(prompts) == 1:
             return [new_tokens[0]]
-        stops = stop_token_ids(tokenizer)
+        # Rows that stopped early are padded; cut each after the stop ids generate actually used.
+        stops = kwargs["eos_token_id"]
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
         return [cut_at_stop(row, stops) for row in new_tokens]
 
     def answer_question(self, image, question, tokenizer, **generate_kwargs):
