@@ -73,6 +73,8 @@ def ask(args):
     if args.greedy:
         kwargs["do_sample"] = False
     ids = model.answer_question(image, args.question, tokenizer, **kwargs)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that cannot show a character
     print(tokenizer.decode(ids, skip_special_tokens=True).strip())
 
 

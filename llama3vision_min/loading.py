@@ -65,10 +65,13 @@ def projector_state_dict(state, source="projector file"):
     out, unknown = {}, []
     for key, tensor in state.items():
         match = PROJECTOR_KEY.match(key)
-        if match is None:
+        target = None if match is None else f"model.{match.group(1)}.{match.group(2)}"
+        if target is None:
             unknown.append(key)
+        elif target in out:
+            raise ValueError(f"{source}: {key} holds {target} a second time (two key forms in one file)")
         else:
-            out[f"model.{match.group(1)}.{match.group(2)}"] = tensor
+            out[target] = tensor
     expected = {f"model.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     if unknown or set(out) != expected:
         raise ValueError(
@@ -86,15 +89,17 @@ def load_projector(path, mm_hidden_size=None, hidden_size=None):
     """
     state = projector_state_dict(read_state_dict(path), source=str(path))
     found_hidden, found_mm = state["model.0.weight"].shape  # Linear stores (out, in)
-    expected = (hidden_size or found_hidden, mm_hidden_size or found_mm)
-    if (found_hidden, found_mm) != expected:
+    expected_hidden, expected_mm = hidden_size or found_hidden, mm_hidden_size or found_mm
+    if (found_hidden, found_mm) != (expected_hidden, expected_mm):
         raise ValueError(
-            f"{path}: expected a projector {expected[1]} -> {expected[0]} (model.0.weight of shape {expected}), "
-            f"found model.0.weight of shape {(found_hidden, found_mm)}"
+            f"{path}: expected a projector {expected_mm} -> {expected_hidden} (model.0.weight of shape "
+            f"{(expected_hidden, expected_mm)}), found model.0.weight of shape {(found_hidden, found_mm)}"
         )
-    if tuple(state["model.2.weight"].shape) != (found_hidden, found_hidden):
-        raise ValueError(f"{path}: expected model.2.weight of shape {(found_hidden, found_hidden)}, "
-                         f"found {tuple(state['model.2.weight'].shape)}")
+    shapes = {"model.0.bias": (found_hidden,), "model.2.weight": (found_hidden, found_hidden),
+              "model.2.bias": (found_hidden,)}
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{path}: expected {key} of shape {shape}, found {tuple(state[key].shape)}")
     projector = ProjectionModule(found_mm, found_hidden)
     projector.load_state_dict(state)
     return projector.to(state["model.0.weight"].dtype)
@@ -198,11 +203,14 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
 
     states = {"text_model": {}, "vision_model": {}, "mm_projector": {}}
     for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                routed = _route_key(key)
-                if routed is not None:
-                    states[routed[0]][routed[1]] = handle.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    routed = _route_key(key)
+                    if routed is not None:
+                        states[routed[0]][routed[1]] = handle.get_tensor(key)
+        except Exception as error:  # safetensors raises its own SafetensorError type
+            raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
     # The pooling head is not used (features come from hidden_states[-2]); a checkpoint may omit it.
     if not any(key.startswith("head.") for key in states["vision_model"]):
         vision_config.vision_use_head = False
@@ -217,7 +225,11 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
 
     states["vision_model"] = _fit_siglip_keys(states["vision_model"], parts["vision_model"])
     for name, module in parts.items():
-        result = module.load_state_dict(states[name], strict=False, assign=True)
+        try:
+            result = module.load_state_dict(states[name], strict=False, assign=True)
+        except RuntimeError as error:  # e.g. a tensor whose shape disagrees with config.json
+            reason = str(error).strip().splitlines()[-1].strip()
+            raise ValueError(f"{folder}: the {name} weights do not fit its config: {reason}") from None
         missing = [k for k in result.missing_keys if not (name == "text_model" and k == "lm_head.weight"
                                                            and text_config.tie_word_embeddings)]
         if missing:
