@@ -37,7 +37,9 @@ def preprocess_images(images, processor, image_size):
     """PIL images -> normalised ``pixel_values`` of shape (n_images, 3, image_size, image_size)."""
     rgb = [to_rgb(image) for image in images]
     size = {"height": image_size, "width": image_size}
-    return processor(images=rgb, return_tensors="pt", do_resize=True, size=size)["pixel_values"]
+    # Say where the channels are: left to guess, transformers 4.x misreads pictures 1 or 3 pixels high.
+    return processor(images=rgb, return_tensors="pt", do_resize=True, size=size,
+                     input_data_format="channels_last")["pixel_values"]
 
 
 def vision_features(vision_model, pixel_values):
