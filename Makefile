@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, answer a question about examples/red_circle.png
-#   make test   same setup, then the full test suite on the newest transformers 5.x
-#               and again on transformers 4.57.x (in .venv-tf4)
+#   make test   same setup, then the full test suite and the notebooks (strict nbval) on the
+#               newest transformers 5.x, and the test suite again on transformers 4.57.x (.venv-tf4)
 #
 # torch is installed first and on its own, so pip never pulls a CUDA build by accident.
 # TORCH names the torch requirement: torch==2.13.0 takes the CPU wheel this project's
@@ -14,18 +14,21 @@ VENV := .venv
 VENV_TF4 := .venv-tf4
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tf5 test-tf4 test-online clean
+.PHONY: demo test test-tf5 test-tf4 test-online notebooks clean
+
+# Tests never contact the Hub (the online comparison has its own target); notebooks run offline.
+OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks]"
 	touch $@
 
 $(VENV_TF4)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TF4)
 	$(VENV_TF4)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV_TF4)/bin/python -m pip install --quiet -e ".[test]" "$(TRANSFORMERS_4)"
+	$(VENV_TF4)/bin/python -m pip install --quiet -e ".[test,notebooks]" "$(TRANSFORMERS_4)"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -35,15 +38,19 @@ test: test-tf5 test-tf4
 
 test-tf5: $(VENV)/.installed
 	$(VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-tf4: $(VENV_TF4)/.installed
 	$(VENV_TF4)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	$(VENV_TF4)/bin/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(VENV_TF4)/bin/python -m pytest tests $(PYTEST_ARGS)  # notebooks store 5.x outputs
 
 # On a machine that reaches the Hugging Face Hub (e.g. Colab): compare with the official remote code.
 test-online: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -m online -rs tests/test_official_remote.py
+
+# Re-execute every notebook in place (offline backend), so the stored outputs match the code.
+notebooks: $(VENV)/.installed
+	$(OFFLINE) $(VENV)/bin/python notebooks/execute.py
 
 clean:
 	rm -rf $(VENV) $(VENV_TF4) .pytest_cache .hypothesis

@@ -19,7 +19,8 @@ def _normalise(requirement):
 
 def test_environment_yml_lists_exactly_the_pyproject_requirements():
     project = _pyproject()["project"]
-    wanted = {_normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    extras = project["optional-dependencies"]
+    wanted = {_normalise(r) for r in project["dependencies"] + extras["test"] + extras["notebooks"]}
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
     listed = {_normalise(r) for r in pip_section if not r.startswith("-e")}
