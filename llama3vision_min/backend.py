@@ -2,7 +2,8 @@
 
 One variable overrides the choice: ``LLAMA3VISION_BACKEND`` = ``real``, ``mini``, ``tiny`` or
 ``auto`` (the default). ``auto`` looks for a CUDA GPU first and only then asks whether the
-Hugging Face Hub answers, so an offline CPU machine never tries the network.
+Hugging Face Hub answers, so an offline CPU machine never tries the network. Offline it takes
+the shipped miniature, or the tiny random stand-in where no miniature is shipped.
 """
 
 import os
@@ -20,6 +21,13 @@ class Backend:
     model: object  # a LlamaVision
     tokenizer: object
     description: str
+
+
+def mini_available():
+    """True when the trained miniature is shipped inside the package (llama3vision_min/mini/)."""
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parent / "mini" / "config.json").is_file()
 
 
 def hub_answers(timeout=5.0):
@@ -46,7 +54,9 @@ def choose_backend(choice=None):
     if choice not in ("auto", "real", "mini", "tiny"):
         raise ValueError(f"{BACKEND_VARIABLE} must be auto, real, mini or tiny, got {choice!r}")
     if choice == "auto":
-        return "real" if torch.cuda.is_available() and hub_answers() else "mini"
+        if torch.cuda.is_available() and hub_answers():
+            return "real"
+        return "mini" if mini_available() else "tiny"
     return choice
 
 
