@@ -29,6 +29,11 @@ def _parser():
     ask.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    export = commands.add_parser("export", help="write a transformers-native LLaVA folder (see export.py)")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--model", default=DEFAULT_MODEL, help="as for ask (default: %(default)s)")
+    export.add_argument("--vllm-names", action="store_true",
+                        help="store weights under the names vLLM's llava loader reads (transformers 4.x and 5.x read them too)")
     return parser
 
 
@@ -78,11 +83,24 @@ def ask(args):
     print(tokenizer.decode(ids, skip_special_tokens=True).strip())
 
 
+def export(args):
+    from .export import export_llava
+
+    model, tokenizer = _load_model(args.model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CliError(f"--out {out} exists and is not empty; choose a new folder")
+    export_llava(model, tokenizer, out, vllm_names=args.vllm_names)
+    print(out)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         if args.command == "ask":
             ask(args)
+        elif args.command == "export":
+            export(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -143,3 +143,29 @@ def test_no_arguments_is_an_argparse_usage_error(runs):
     assert result.stderr.startswith("usage:"), result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_export_writes_a_llava_folder_with_vllm_names(tiny_dir, tmp_path, capfd):
+    """``export`` writes what stock transformers reads: a llava config and vLLM's key names."""
+    import json
+
+    from safetensors import safe_open
+
+    from llama3vision_min import cli
+
+    out = tmp_path / "llava"
+    assert cli.main(["export", "--out", str(out), "--model", str(tiny_dir), "--vllm-names"]) == 0
+    assert capfd.readouterr().out.strip() == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_feature_layer"] == -2
+    assert config["vision_feature_select_strategy"] == "full"
+    keys = set()
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            keys |= set(handle.keys())
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+    assert {"multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias"} <= keys
+    # a second export into the same, now non-empty, folder is refused with one line
+    assert cli.main(["export", "--out", str(out), "--model", str(tiny_dir)]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not empty" in err[0]

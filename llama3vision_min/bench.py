@@ -1,0 +1,567 @@
+"""Side-by-side benchmark: ``python -m llama3vision_min.bench [--sizes tiny,medium,real] [--quick]``.
+
+Every figure is a *ratio measured in the same run*: the paths being compared run interleaved
+(A, B, C, A, B, C, ...) on identical weights, and the median of the repeats is kept, so a
+machine shared with other work shifts both sides alike. Rows per size:
+
+* forward (full logits) and greedy generation of N tokens: ours vs ``LlavaForConditionalGeneration``
+  (the same tensors, shared, via ``export.to_llava``) and vs the literal original
+  (``tests/reference_original.py``, imported by path; "n/a" when the tests are not there);
+* batched ``answer_questions`` on P pictures vs P sequential ``answer_question`` calls;
+* a follow-up chat turn that reuses the KV cache of the picture and the history (``CachedChat``)
+  vs the original's way (re-encode the whole text history, without the picture) and vs
+  ``ChatSession`` (re-encode everything, picture included) -- full turn and first token;
+* projector training steps with cached vision features vs features recomputed every step;
+* the peak memory (resident set size above the start of the call) of each path.
+
+Sizes (random weights: speed only):
+
+    tiny    the tests' tiny stand-in (SigLIP 32 px / patch 8 / 2 x 32 wide; Llama 2 x 64 wide)
+    medium  SigLIP 224 px / patch 14 (256 patches) / 4 x 384 wide; Llama 6 x 512 wide, GQA 8/4
+    real    SigLIP so400m geometry (384 px / patch 14 = 729 patches, 1152 wide) and Llama-3-8B width
+            (4096, GQA 32/8, vocab 128256), two layers each, float32
+
+Every size uses the tiny byte-level tokenizer (with Llama 3's special tokens), so prompts are
+short; the image dominates the sequence (16, 256 or 729 rows).
+"""
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import importlib.util
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .constants import IMAGE_TOKEN_INDEX
+from .export import llava_processor, to_llava
+from .generation import cut_at_stop, generation_kwargs, stop_token_ids
+from .image import vision_features
+from .model import LlamaVision
+from .projector import ProjectionModule
+from .prompt import ASSISTANT_HEADER, assistant_turn, build_prompt, user_turn
+from .splice import splice_batch
+from .tiny import tiny_parts, tiny_tokenizer
+from .token_split import tokenizer_image_token
+
+QUESTION = "what is this?"
+FOLLOW_UP = "what colour is the shape?"
+
+SETTINGS = {
+    # repeats: timed runs per path (median kept); warmup: untimed first runs per path;
+    # threads: torch threads (small sizes: one, so small ops never wait on a busy core; real: all cores)
+    "tiny": dict(repeats=7, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32, threads=1),
+    "medium": dict(repeats=5, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32, threads=1),
+    # A few minutes on 2 free cores: one timed run per path, 2 pictures of 8 tokens for the batch row, no
+    # training row (a step is a forward and a backward over 729 rows and a 128256-wide head: minutes).
+    # float32: on CPUs bfloat16 matmuls of a few rows fall to a slow path (a 40-token prefill took 10x longer).
+    "real": dict(repeats=1, warmup=0, pictures=2, new_tokens=32, batch_new_tokens=8, train_batch=None,
+                 dtype=torch.float32, threads=os.cpu_count()),
+}
+QUICK = dict(repeats=2, warmup=1, pictures=4, new_tokens=8, batch_new_tokens=8, train_batch=2)
+"""``--quick``: a smoke run (real geometry keeps one run per path and no warm-up)."""
+
+
+# -- building the models ---------------------------------------------------------------------
+def _configs(size, vocab_size, tokenizer):
+    from transformers import LlamaConfig, SiglipVisionConfig
+
+    if size == "medium":
+        vision = SiglipVisionConfig(image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536,
+                                    num_hidden_layers=4, num_attention_heads=6)
+        text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=2048)
+    else:  # real geometry, two layers each
+        vision = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                    num_hidden_layers=2, num_attention_heads=16)
+        text = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
+    text = LlamaConfig(**text, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return vision, text
+
+
+def _materialise(module, pool, dtype):
+    """Give every meta parameter real storage: norms 1, biases 0, other weights tiled from ``pool``.
+
+    Random init of ~1.9 B parameters would take longer than the benchmark; tiling is instant.
+    """
+    for module_name, sub in module.named_modules():
+        is_norm = "norm" in module_name.rsplit(".", 1)[-1].lower() or "norm" in type(sub).__name__.lower()
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            tensor = torch.empty(param.shape, dtype=dtype)
+            if is_norm and name == "weight":
+                tensor.fill_(1.0)
+            elif name == "bias":
+                tensor.zero_()
+            else:
+                flat = tensor.view(-1)
+                for start in range(0, flat.numel(), pool.numel()):
+                    end = min(start + pool.numel(), flat.numel())
+                    flat[start:end].copy_(pool[: end - start])
+            sub._parameters[name] = nn.Parameter(tensor)
+    return module
+
+
+def build(size, seed=0):
+    """``(LlamaVision, tokenizer)`` for one size, in eval mode, vision tower and LLM frozen."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM, SiglipVisionModel
+
+    dtype = SETTINGS[size]["dtype"]
+    if size == "tiny":
+        vision_model, text_model, projector, tokenizer = tiny_parts("tiny", seed)
+    else:
+        tokenizer = tiny_tokenizer()
+        vision_config, text_config = _configs(size, len(tokenizer), tokenizer)
+        with init_empty_weights(include_buffers=False):  # rotary / position-id buffers stay real
+            vision_model = SiglipVisionModel(vision_config)
+            text_model = LlamaForCausalLM(text_config)
+        generator = torch.Generator().manual_seed(seed)
+        pool = (torch.randn(1_000_003, generator=generator) * 0.02).to(dtype)  # prime length: no short period
+        vision_model = _materialise(vision_model, pool, dtype)
+        text_model = _materialise(text_model, pool, dtype)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            projector = ProjectionModule(vision_config.hidden_size, text_config.hidden_size)
+    model = LlamaVision(vision_model.to(dtype), text_model.to(dtype), projector.to(dtype)).eval()
+    model.vision_model.requires_grad_(False)
+    model.text_model.requires_grad_(False)
+    return model, tokenizer
+
+
+def pictures(n, seed=0):
+    """``n`` random RGB pictures of odd sizes."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        rgb = torch.randint(0, 256, (41 + i, 57 + 2 * i, 3), generator=generator, dtype=torch.uint8)
+        out.append(Image.fromarray(rgb.numpy(), mode="RGB"))
+    return out
+
+
+def load_reference():
+    """``tests/reference_original.py`` (the literal original) imported by path, or None outside a checkout."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "reference_original.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("reference_original", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- KV-cache reuse across chat turns ----------------------------------------------------------
+@contextlib.contextmanager
+def _old_cache_name():
+    """transformers 5.x renames generate's ``past_key_values`` to ``cache`` (the old name works until 6.0);
+    4.57 knows only the old name, so that one is passed and the rename notice silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        yield
+
+
+class CachedChat:
+    """A conversation about one picture that keeps the KV cache of the picture and the history.
+
+    Turn 1 splices the picture into the prompt and generates with a fresh ``DynamicCache``.
+    A follow-up turn feeds only the tokens the cache has not seen -- the last answer token
+    (``generate`` never runs it through the model) and the new user turn -- so the 729 image
+    rows and the history are never recomputed. The picture stays in context on every turn
+    (unlike the original chat script). ``sequence`` holds the ids of everything in context,
+    with the pad id standing in for the image rows (those positions are always cached, so
+    their ids are never embedded).
+
+    The answers are the exact tokens the model wrote (``ChatSession`` decodes them to text
+    and re-tokenizes the history every turn instead).
+    """
+
+    def __init__(self, model, image, tokenizer, **generate_kwargs):
+        self.model = model
+        self.image = image
+        self.tokenizer = tokenizer
+        self.generate_kwargs = generate_kwargs
+        self.history = []  # [(question, answer), ...]
+        self.sequence = []  # ids in context (image rows as pad ids); the cache holds all but the last
+        self.cache = None
+        self.stops = stop_token_ids(tokenizer)
+        self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def fork(self):
+        """A copy whose cache and history can grow without touching this one."""
+        twin = copy.copy(self)
+        twin.history, twin.sequence, twin.cache = list(self.history), list(self.sequence), copy.deepcopy(self.cache)
+        return twin
+
+    def _chunk_ids(self, text):
+        """Ids of a prompt chunk that follows earlier text: tokenized alone, BOS dropped (as token_split does)."""
+        ids = self.tokenizer(text).input_ids
+        return ids[1:] if ids and ids[0] == self.tokenizer.bos_token_id else ids
+
+    @torch.inference_mode()
+    def ask(self, question, **generate_kwargs):
+        """Answer ``question``; returns the answer text. Only uncached tokens are run through the LLM."""
+        from transformers import DynamicCache
+
+        kwargs = generation_kwargs(self.tokenizer, {**self.generate_kwargs, **generate_kwargs})
+        text_model = self.model.text_model
+        if self.cache is None:  # turn 1: the picture and the first question
+            ids = tokenizer_image_token(build_prompt(question), self.tokenizer)  # (L,) with one -200
+            features = self.model.encode_images(self.model.preprocess([self.image]))  # (1, P, hidden)
+            batch = splice_batch([ids], features, text_model.get_input_embeddings())  # (1, L - 1 + P, hidden)
+            self.cache = DynamicCache()
+            with _old_cache_name():
+                new = text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                          past_key_values=self.cache, **kwargs)[0]  # (n_new,) new tokens only
+            pad = kwargs["pad_token_id"]
+            for token_id in ids.tolist():
+                self.sequence.extend([pad] * features.shape[1] if token_id == IMAGE_TOKEN_INDEX else [token_id])
+        else:  # a follow-up: only the last answer token and the new user turn are new to the cache
+            self.sequence += self._chunk_ids(user_turn(question) + ASSISTANT_HEADER)
+            input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); generate skips the cached part
+            with _old_cache_name():
+                out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          past_key_values=self.cache, **kwargs)
+            new = out[0, input_ids.shape[1]:]  # (n_new,)
+        new = cut_at_stop(new, self.stops)
+        self.sequence += new.tolist()
+        if not new.numel() or new[-1].item() not in self.stops:
+            self.sequence.append(self.eot_id)  # the turn ran out of tokens: close it as the chat format requires
+        answer = self.tokenizer.decode(new, skip_special_tokens=True)
+        self.history.append((question, answer))
+        return answer
+
+
+ORIGINAL_USER = "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+ORIGINAL_ASSISTANT = "<|start_header_id|>assistant<|end_header_id|>\n\n{text}<|eot_id|>"
+
+
+@torch.inference_mode()
+def original_follow_up(text_model, tokenizer, history, question, **generate_kwargs):
+    """The original chat script's follow-up turn: the whole text history, re-tokenized, no picture."""
+    text = "".join(ORIGINAL_USER.format(text=q) + ORIGINAL_ASSISTANT.format(text=a) for q, a in history)
+    text += ORIGINAL_USER.format(text=question) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    input_ids = tokenizer(text, return_tensors="pt").input_ids.to(text_model.device)  # (1, L), BOS added
+    kwargs = generation_kwargs(tokenizer, generate_kwargs)
+    out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    return out[0, input_ids.shape[1]:]
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the next peak starts clean
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """Peak resident set size of a block, above the RSS at its start (Linux; ``mb`` is None elsewhere).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) on entry and reads
+    ``VmHWM`` on exit.
+    """
+
+    def __enter__(self):
+        self.mb = None
+        gc.collect()
+        _malloc_trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")
+            self.start = _status_kb("VmRSS")
+        except OSError:
+            self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.start is not None:
+            self.mb = max(_status_kb("VmHWM") - self.start, 0) / 1024
+        return False
+
+
+def compare(paths, repeats, warmup):
+    """Time every path interleaved; returns ``({name: median seconds}, {name: peak MB})``.
+
+    ``paths`` maps a name to ``run`` or to ``(setup, run)``: ``setup()`` runs untimed before every
+    call and its result is passed to ``run``. The peak memory is taken on each path's first call.
+    """
+    paths = {name: (value if isinstance(value, tuple) else (None, value)) for name, value in paths.items()}
+    times = {name: [] for name in paths}
+    peaks = {}
+
+    def call(name, timed):
+        setup, run = paths[name]
+        args = () if setup is None else (setup(),)
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            run(*args)
+            elapsed = time.perf_counter() - start
+        peaks.setdefault(name, memory.mb)
+        if timed:
+            times[name].append(elapsed)
+
+    for name in paths:
+        for _ in range(warmup):
+            call(name, timed=False)
+    for _ in range(repeats):
+        for name in paths:
+            call(name, timed=True)
+    return {name: statistics.median(values) for name, values in times.items()}, peaks
+
+
+@dataclass
+class Row:
+    size: str
+    comparison: str
+    a: str
+    b: str
+    time_a: float  # median seconds
+    time_b: float
+    ratio: float
+    meaning: str
+    goal: str
+    peak_a: float | None  # MB
+    peak_b: float | None
+
+
+def _row(size, comparison, times, peaks, a, b, meaning, goal=""):
+    """A row whose ratio is time(a)/time(b) when ``meaning`` starts with 'time', else time(b)/time(a)."""
+    ratio = times[a] / times[b] if meaning.startswith("time") else times[b] / times[a]
+    return Row(size, comparison, a, b, times[a], times[b], ratio, meaning, goal, peaks.get(a), peaks.get(b))
+
+
+# -- the benchmark of one size -----------------------------------------------------------------
+def bench_size(size, quick=False, log=print):
+    """All rows for one size."""
+    settings = dict(SETTINGS[size])
+    if quick:
+        # real geometry keeps one run per path, no warm-up and no training row
+        settings.update({k: v for k, v in QUICK.items() if size != "real" or k in ("new_tokens", "batch_new_tokens")})
+    repeats, warmup = settings["repeats"], settings["warmup"]
+    n_new, n_pictures = settings["new_tokens"], settings["pictures"]
+    batch_new = settings.get("batch_new_tokens", n_new)
+    log(f"[{size}] building ...")
+    model, tokenizer = build(size)
+    reference = load_reference()
+    llava = to_llava(model, tokenizer)  # shares every tensor with `model`: identical weights, no copy
+    processor = llava_processor(model, tokenizer)
+    images = pictures(max(n_pictures, settings["train_batch"] or 0))
+    image = images[0]
+    rows = []
+    fixed = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new)  # same work on every path
+
+    # forward: full logits over the spliced prompt
+    ids = tokenizer_image_token(build_prompt(QUESTION), tokenizer)  # (L,) with one -200
+    pixel_values = model.preprocess([image])  # (1, 3, H, W)
+    llava_inputs = processor(images=[image], text=processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True), add_special_tokens=False, return_tensors="pt")
+    llava_inputs = {k: v for k, v in llava_inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    llava_inputs["pixel_values"] = llava_inputs["pixel_values"].to(model.vision_model.dtype)
+
+    def ours_forward():
+        with torch.inference_mode():
+            return model(input_ids=ids.unsqueeze(0), pixel_values=pixel_values).logits
+
+    def llava_forward():
+        with torch.inference_mode():
+            return llava(**llava_inputs).logits
+
+    def original_forward():
+        with torch.inference_mode():
+            features = model.vision_model(pixel_values.to(model.vision_model.dtype),
+                                          output_hidden_states=True).hidden_states[-2]
+            embeds, mask = reference.process_tensors(ids.unsqueeze(0), model.mm_projector(features),
+                                                     model.text_model.get_input_embeddings())
+            return model.text_model(inputs_embeds=embeds, attention_mask=mask).logits
+
+    paths = {"ours": ours_forward, "LLaVA": llava_forward}
+    if reference is not None:
+        paths["original"] = original_forward
+    log(f"[{size}] forward ...")
+    times, peaks = compare(paths, repeats, warmup)
+    rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
+    if reference is not None:
+        rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "original", "time ours/other"))
+
+    # greedy generation of n_new tokens, from picture and question (tokenization and pixels included)
+    def ours_generate():
+        return model.answer_question(image, QUESTION, tokenizer, **fixed)
+
+    def llava_generate():
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                           add_special_tokens=False, return_tensors="pt")
+        stops = stop_token_ids(tokenizer)
+        with torch.inference_mode():
+            return llava.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                  pixel_values=inputs["pixel_values"].to(model.vision_model.dtype),
+                                  eos_token_id=stops, pad_token_id=stops[0], **fixed)
+
+    def original_generate():
+        return reference.answer_question(image, QUESTION, tokenizer, vision_model=model.vision_model,
+                                         text_model=model.text_model, mm_projector=model.mm_projector,
+                                         processor=model.processor, image_size=model.image_size, **fixed)
+
+    paths = {"ours": ours_generate, "LLaVA": llava_generate}
+    if reference is not None:
+        paths["original"] = original_generate
+    log(f"[{size}] generate ...")
+    times, peaks = compare(paths, repeats, warmup)
+    label = f"greedy generation, {n_new} tokens"
+    rows.append(_row(size, label, times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
+    if reference is not None:
+        rows.append(_row(size, label, times, peaks, "ours", "original", "time ours/other"))
+
+    # batched answer_questions vs sequential answer_question
+    batch_images = images[:n_pictures]
+    questions = [QUESTION] * n_pictures
+    batch_fixed = dict(do_sample=False, max_new_tokens=batch_new, min_new_tokens=batch_new)
+    paths = {
+        "batched": lambda: model.answer_questions(batch_images, questions, tokenizer, **batch_fixed),
+        "sequential": lambda: [model.answer_question(im, QUESTION, tokenizer, **batch_fixed) for im in batch_images],
+    }
+    log(f"[{size}] batch ...")
+    times, peaks = compare(paths, repeats, warmup)
+    rows.append(_row(size, f"{n_pictures} pictures x {batch_new} tokens", times, peaks, "batched", "sequential",
+                     "throughput batched/sequential", ">= 3"))
+
+    # a follow-up chat turn
+    log(f"[{size}] chat ...")
+    session = CachedChat(model, image, tokenizer, **fixed)
+    session.ask(QUESTION)  # turn 1 (untimed): the cache now holds picture, question and answer
+    history = list(session.history)
+
+    def full_session():
+        chat = model.chat(image, tokenizer, **fixed)
+        chat.history = list(history)
+        return chat
+
+    for label, extra in ((f"chat follow-up turn, {n_new} tokens", {}),
+                         ("chat follow-up, first token", dict(max_new_tokens=1, min_new_tokens=1))):
+        paths = {
+            "cached": (session.fork, lambda s: s.ask(FOLLOW_UP, **extra)),
+            "original": lambda: original_follow_up(model.text_model, tokenizer, history, FOLLOW_UP, **{**fixed, **extra}),
+            "re-encode all": (full_session, lambda s: s.ask(FOLLOW_UP, **extra)),
+        }
+        times, peaks = compare(paths, repeats, warmup)
+        rows.append(_row(size, label, times, peaks, "cached", "original", "speed-up of cached", ">= 5"))
+        rows.append(_row(size, label, times, peaks, "cached", "re-encode all", "speed-up of cached"))
+
+    # projector training: cached vision features vs recomputed every step
+    if settings["train_batch"]:
+        log(f"[{size}] train ...")
+        rows.append(train_row(size, model, tokenizer, images[: settings["train_batch"]], repeats, warmup))
+    return rows
+
+
+def train_row(size, model, tokenizer, images, repeats, warmup):
+    """Steps/s of projector training (AdamW, LLaVA stage-1 style labels) with cached vs recomputed features."""
+    prompt = tokenizer_image_token(build_prompt(QUESTION), tokenizer)  # (L,)
+    answer = torch.tensor(tokenizer(assistant_turn("a red circle.").split("\n\n", 1)[1]).input_ids[1:])
+    row_ids = torch.cat([prompt, answer])  # (L + A,)
+    input_ids = row_ids.expand(len(images), -1)  # (batch, L + A)
+    labels = input_ids.clone()
+    labels[:, : len(prompt)] = -100  # loss on the answer only
+    pixel_values = model.preprocess(images)  # (batch, 3, H, W)
+    with torch.no_grad():
+        cached = vision_features(model.vision_model, pixel_values)  # (batch, P, vision_hidden), computed once
+    saved = copy.deepcopy(model.mm_projector.state_dict())
+    optimizer = torch.optim.AdamW(model.mm_projector.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step(**inputs):
+        loss = model(input_ids=input_ids, labels=labels, **inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.mm_projector.train()
+    try:
+        times, peaks = compare({"cached features": lambda: step(vision_features=cached),
+                                "recomputed": lambda: step(pixel_values=pixel_values)}, repeats, warmup)
+    finally:
+        model.mm_projector.load_state_dict(saved)
+        model.mm_projector.eval()
+    return _row(size, f"projector training step, batch {len(images)}", times, peaks, "cached features",
+                "recomputed", "steps/s cached/recomputed")
+
+
+# -- printing ----------------------------------------------------------------------------------
+def _seconds(value):
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _mb(value):
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def table(rows):
+    """A markdown table of the rows."""
+    lines = ["| size | comparison | A | B | A median | B median | ratio | meaning | goal | peak MB A | peak MB B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.size} | {r.comparison} | {r.a} | {r.b} | {_seconds(r.time_a)} | {_seconds(r.time_b)} | "
+                     f"{r.ratio:.2f} | {r.meaning} | {r.goal} | {_mb(r.peak_a)} | {_mb(r.peak_b)} |")
+    return "\n".join(lines)
+
+
+def machine():
+    import transformers
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, "
+            f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, load average at start {load:.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m llama3vision_min.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,medium,real", help="comma-separated: tiny, medium, real "
+                                                                    "(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer repeats, tokens and pictures")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every size (default: 1 for tiny and medium -- on a machine shared "
+                             "with other jobs, more threads than free cores make small ops wait on each other -- "
+                             "and all cores for real)")
+    args = parser.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {sorted(SETTINGS)}")
+    print(f"machine: {machine()}")
+    rows = []
+    for size in sizes:
+        torch.set_num_threads(args.threads or SETTINGS[size]["threads"])
+        print(f"[{size}] {torch.get_num_threads()} torch thread(s)")
+        start = time.perf_counter()
+        rows += bench_size(size, quick=args.quick)
+        print(f"[{size}] done in {time.perf_counter() - start:.0f} s")
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
