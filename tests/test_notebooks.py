@@ -1,0 +1,86 @@
+"""The notebooks are committed executed, open with a consistent Colab badge and setup cell,
+and keep nbval's comparisons meaningful (few exemptions, never on the cells that teach)."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EXEMPT_MARKERS = ("NBVAL_SKIP", "NBVAL_IGNORE_OUTPUT")
+EXEMPT_TAGS = ("nbval-skip", "nbval-ignore-output")
+
+
+def repository_url():
+    match = re.search(r"^Repository: (https://github\.com/([\w.-]+/[\w.-]+))\s*$", (ROOT / "README.md").read_text(), re.M)
+    assert match, "README.md must hold one line 'Repository: https://github.com/OWNER/NAME'"
+    return match.group(1), match.group(2)
+
+
+def code_cells(notebook):
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def is_exempt(cell):
+    tags = cell.get("metadata", {}).get("tags", [])
+    return any(marker in cell.source for marker in EXEMPT_MARKERS) or any(tag in tags for tag in EXEMPT_TAGS)
+
+
+def test_there_are_at_least_five_notebooks():
+    assert len(NOTEBOOKS) >= 5, [p.name for p in NOTEBOOKS]
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.name)
+def notebook(request):
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def test_committed_executed(notebook):
+    path, nb = notebook
+    counts = [cell.execution_count for cell in code_cells(nb)]
+    assert all(count is not None for count in counts), f"{path.name}: some code cells were never executed"
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: cells were not run once, top to bottom: {counts}"
+    errors = [o for cell in code_cells(nb) for o in cell.outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: stored outputs contain an error: {errors[0].get('ename')}"
+
+
+def test_opens_with_the_colab_badge_of_this_repository(notebook):
+    path, nb = notebook
+    _, slug = repository_url()
+    first = nb.cells[0]
+    assert first.cell_type == "markdown"
+    link = f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}"
+    assert link in first.source, f"{path.name}: the first cell must link to {link}"
+
+
+def test_setup_cell_is_the_same_everywhere_and_names_this_repository(notebook):
+    path, nb = notebook
+    url, _ = repository_url()
+    setup = code_cells(nb)[0].source
+    assert url in setup and "google.colab" in setup, f"{path.name}: the first code cell must be the setup cell"
+    reference = code_cells(nbformat.read(NOTEBOOKS[0], as_version=4))[0].source
+    assert setup == reference, f"{path.name}: setup cell differs from {NOTEBOOKS[0].name}'s"
+
+
+def test_backend_cell_is_overridable_by_one_variable(notebook):
+    path, nb = notebook
+    sources = "\n".join(cell.source for cell in code_cells(nb)[:3])
+    assert "LLAMA3VISION_BACKEND" in sources and "load_backend" in sources, path.name
+
+
+def test_at_most_a_quarter_of_code_cells_are_exempt_from_comparison(notebook):
+    path, nb = notebook
+    cells = code_cells(nb)
+    exempt = [cell for cell in cells if is_exempt(cell)]
+    assert len(exempt) * 4 <= len(cells), f"{path.name}: {len(exempt)} of {len(cells)} code cells exempt"
+
+
+def test_notebooks_import_the_package_rather_than_define_its_functions(notebook):
+    path, nb = notebook
+    public = ("tokenizer_image_token", "process_tensors", "splice_batch", "answer_question", "load_projector")
+    for cell in code_cells(nb):
+        for name in public:
+            assert not re.search(rf"^\s*def {name}\(", cell.source, re.M), f"{path.name} redefines {name}"
+    assert any("llama3vision_min" in cell.source for cell in code_cells(nb))
