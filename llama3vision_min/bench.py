@@ -44,7 +44,7 @@ from torch import nn
 
 from .constants import IMAGE_TOKEN_INDEX
 from .export import llava_processor, to_llava
-from .generation import cut_at_stop, generation_kwargs, stop_token_ids
+from .generation import ChatSession, cut_at_stop, generation_kwargs, stop_token_ids
 from .image import vision_features
 from .model import LlamaVision
 from .projector import ProjectionModule
@@ -90,7 +90,7 @@ def _configs(size, vocab_size, tokenizer):
     return vision, text
 
 
-def _materialise(module, pool, dtype):
+def materialise(module, pool, dtype):
     """Give every meta parameter real storage: norms 1, biases 0, other weights tiled from ``pool``.
 
     Random init of ~1.9 B parameters would take longer than the benchmark; tiling is instant.
@@ -130,8 +130,8 @@ def build(size, seed=0):
             text_model = LlamaForCausalLM(text_config)
         generator = torch.Generator().manual_seed(seed)
         pool = (torch.randn(1_000_003, generator=generator) * 0.02).to(dtype)  # prime length: no short period
-        vision_model = _materialise(vision_model, pool, dtype)
-        text_model = _materialise(text_model, pool, dtype)
+        vision_model = materialise(vision_model, pool, dtype)
+        text_model = materialise(text_model, pool, dtype)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             projector = ProjectionModule(vision_config.hidden_size, text_config.hidden_size)
@@ -174,7 +174,7 @@ def _old_cache_name():
         yield
 
 
-class CachedChat:
+class CachedChat(ChatSession):
     """A conversation about one picture that keeps the KV cache of the picture and the history.
 
     Turn 1 splices the picture into the prompt and generates with a fresh ``DynamicCache``.
@@ -190,11 +190,7 @@ class CachedChat:
     """
 
     def __init__(self, model, image, tokenizer, **generate_kwargs):
-        self.model = model
-        self.image = image
-        self.tokenizer = tokenizer
-        self.generate_kwargs = generate_kwargs
-        self.history = []  # [(question, answer), ...]
+        super().__init__(model, image, tokenizer, **generate_kwargs)
         self.sequence = []  # ids in context (image rows as pad ids); the cache holds all but the last
         self.cache = None
         self.stops = stop_token_ids(tokenizer)

@@ -45,12 +45,12 @@ import torch
 from .constants import EOT_TOKEN
 from .generation import stop_token_ids
 from .image import make_processor
+from .loading import save_state_dict
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it too)."""
 
 WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def chat_template(image_token=IMAGE_TOKEN):
@@ -199,22 +199,6 @@ def to_llava(model, tokenizer, image_token=IMAGE_TOKEN):
     return llava.eval()
 
 
-def _save_state_dict(state, folder, max_shard_size="5GB"):
-    """Write ``state`` as safetensors (sharded with an index when large)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    state = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({key: state[key] for key in keys}, str(folder / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# -- processor ----------------------------------------------------------------------------
 def llava_processor(model, tokenizer, image_token=IMAGE_TOKEN):
     """A ``LlavaProcessor``: SigLIP image processor at the tower's size + a copy of the tokenizer with the template."""
     from transformers import LlavaProcessor
@@ -262,7 +246,7 @@ def export_llava(model, tokenizer, out_dir, vllm_names=False, image_token=IMAGE_
     llava = to_llava(model, tokenizer, image_token)
     if vllm_names:
         llava.config.save_pretrained(folder)
-        _save_state_dict(vllm_state_dict(model), folder, max_shard_size)
+        save_state_dict(vllm_state_dict(model), folder, max_shard_size)
     else:
         llava.save_pretrained(folder, max_shard_size=max_shard_size)
     _generation_config(tokenizer).save_pretrained(folder)

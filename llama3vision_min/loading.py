@@ -263,8 +263,6 @@ def _part_state_dicts(model):
 
 def save_hf_layout(model, path, max_shard_size="5GB"):
     """Write ``config.json`` and safetensors shards in the -hf layout."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
@@ -276,14 +274,21 @@ def save_hf_layout(model, path, max_shard_size="5GB"):
     }
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    state = {key: tensor.detach().contiguous().cpu() for key, tensor in _part_state_dicts(model).items()}
+    save_state_dict(_part_state_dicts(model), folder, max_shard_size)
+
+
+def save_state_dict(state, folder, max_shard_size="5GB"):
+    """Write ``state`` to ``folder`` as safetensors, in shards with an index when it is large."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
-        save_file({key: state[key] for key in keys}, str(folder / filename), metadata={"format": "pt"})
+        save_file({key: state[key] for key in keys}, str(Path(folder) / filename), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # -- the alpha form -----------------------------------------------------------------------

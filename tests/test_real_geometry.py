@@ -15,7 +15,6 @@ longer than everything else together. About 4 GB of memory.
 import pytest
 import torch
 from accelerate import init_empty_weights
-from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from llama3vision_min import (
@@ -26,6 +25,7 @@ from llama3vision_min import (
     process_tensors,
     tokenizer_image_token,
 )
+from llama3vision_min import bench
 from llama3vision_min.image import vision_features
 from llama3vision_min.tiny import tiny_tokenizer
 
@@ -48,24 +48,8 @@ def real_configs():
 
 
 def materialise(module, pool):
-    """Give every meta parameter real bfloat16 storage: norms 1, biases 0, other weights tiled from ``pool``."""
-    for module_name, sub in module.named_modules():
-        is_norm = "norm" in module_name.rsplit(".", 1)[-1].lower() or "norm" in type(sub).__name__.lower()
-        for name, param in list(sub._parameters.items()):
-            if param is None:
-                continue
-            tensor = torch.empty(param.shape, dtype=DTYPE)
-            if is_norm and name == "weight":
-                tensor.fill_(1.0)
-            elif name == "bias":
-                tensor.zero_()
-            else:
-                flat = tensor.view(-1)
-                for start in range(0, flat.numel(), pool.numel()):
-                    end = min(start + pool.numel(), flat.numel())
-                    flat[start:end].copy_(pool[: end - start])
-            sub._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-    return module.eval()
+    """Real bfloat16 storage for every meta parameter (the benchmark's fast fill), frozen, in eval mode."""
+    return bench.materialise(module, pool, DTYPE).requires_grad_(False).eval()
 
 
 @pytest.fixture(scope="module")
