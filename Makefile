@@ -14,7 +14,7 @@ VENV := .venv
 VENV_TF4 := .venv-tf4
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tf5 test-tf4 test-online notebooks clean
+.PHONY: demo test test-tf5 test-tf4 test-online notebooks bench mini clean
 
 # Tests never contact the Hub (the online comparison has its own target); notebooks run offline.
 OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
@@ -51,6 +51,14 @@ test-online: $(VENV)/.installed
 # Re-execute every notebook in place (offline backend), so the stored outputs match the code.
 notebooks: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/python notebooks/execute.py
+
+# Speed and memory, ratios measured in one run (see benchmarks/RESULTS.md).
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m llama3vision_min.bench --sizes tiny,medium,real
+
+# Retrain the miniature from scratch (work in progress: see llama3vision_min/shapes and issue 3).
+mini: $(VENV)/.installed
+	$(VENV)/bin/python -m llama3vision_min.shapes train --stage all --out shapes-run
 
 clean:
 	rm -rf $(VENV) $(VENV_TF4) .pytest_cache .hypothesis
