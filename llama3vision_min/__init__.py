@@ -22,6 +22,14 @@ from .token_split import tokenizer_image_token
 
 __version__ = "0.1.0"
 
+
+def load_mini():
+    """The shipped miniature ``(LlamaVision, tokenizer)`` (see ``llama3vision_min.shapes``); no network."""
+    from .shapes import load_mini as load
+
+    return load()
+
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER",
@@ -31,6 +39,7 @@ __all__ = [
     "SplicedBatch",
     "build_chat_prompt",
     "build_prompt",
+    "load_mini",
     "load_projector",
     "process_tensors",
     "splice_batch",

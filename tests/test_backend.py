@@ -53,3 +53,14 @@ def test_tiny_backend_loads_a_working_model(monkeypatch):
     loaded = backend.load_backend("tiny")
     assert loaded.name == "tiny"
     assert loaded.model.text_model.get_input_embeddings().num_embeddings == len(loaded.tokenizer)
+
+
+def test_load_mini_is_public_and_says_how_to_train_when_nothing_is_shipped():
+    import llama3vision_min
+
+    if backend.mini_available():
+        model, tokenizer = llama3vision_min.load_mini()
+        assert model.text_model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    else:
+        with pytest.raises(ValueError, match="train"):
+            llama3vision_min.load_mini()
