@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   create .venv, install, answer a question about examples/red_circle.png
+#   make demo   create .venv, install, answer a question about examples/two_green_stars.png
 #   make test   same setup, then the full test suite and the notebooks (strict nbval) on the
 #               newest transformers 5.x, and the test suite again on transformers 4.57.x (.venv-tf4)
 #
@@ -32,7 +32,7 @@ $(VENV_TF4)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/python -m llama3vision_min ask --image examples/red_circle.png "what is this?" --greedy --max-new-tokens 16
+	$(VENV)/bin/python -m llama3vision_min ask --image examples/two_green_stars.png "what is this?" --greedy --max-new-tokens 16
 
 test: test-tf5 test-tf4
 
@@ -56,9 +56,9 @@ notebooks: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m llama3vision_min.bench --sizes tiny,medium,real
 
-# Retrain the miniature from scratch (work in progress: see llama3vision_min/shapes and issue 3).
+# Retrain the miniature from scratch (all four stages, about 9 minutes on 2 cores) and ship it into the package.
 mini: $(VENV)/.installed
-	$(VENV)/bin/python -m llama3vision_min.shapes train --stage all --out shapes-run
+	$(VENV)/bin/python -m llama3vision_min.shapes train --stage all --out shapes-run --ship
 
 clean:
 	rm -rf $(VENV) $(VENV_TF4) .pytest_cache .hypothesis

@@ -26,7 +26,6 @@ short; the image dominates the sequence (16, 256 or 729 rows).
 """
 
 import argparse
-import contextlib
 import copy
 import ctypes
 import gc
@@ -35,21 +34,19 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .constants import IMAGE_TOKEN_INDEX
 from .export import llava_processor, to_llava
-from .generation import ChatSession, cut_at_stop, generation_kwargs, stop_token_ids
+from .cached_chat import CachedChat
+from .generation import generation_kwargs, stop_token_ids
 from .image import vision_features
 from .model import LlamaVision
 from .projector import ProjectionModule
-from .prompt import ASSISTANT_HEADER, assistant_turn, build_prompt, user_turn
-from .splice import splice_batch
+from .prompt import assistant_turn, build_prompt
 from .tiny import tiny_parts, tiny_tokenizer
 from .token_split import tokenizer_image_token
 
@@ -162,83 +159,6 @@ def load_reference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# -- KV-cache reuse across chat turns ----------------------------------------------------------
-@contextlib.contextmanager
-def _old_cache_name():
-    """transformers 5.x renames generate's ``past_key_values`` to ``cache`` (the old name works until 6.0);
-    4.57 knows only the old name, so that one is passed and the rename notice silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        yield
-
-
-class CachedChat(ChatSession):
-    """A conversation about one picture that keeps the KV cache of the picture and the history.
-
-    Turn 1 splices the picture into the prompt and generates with a fresh ``DynamicCache``.
-    A follow-up turn feeds only the tokens the cache has not seen -- the last answer token
-    (``generate`` never runs it through the model) and the new user turn -- so the 729 image
-    rows and the history are never recomputed. The picture stays in context on every turn
-    (unlike the original chat script). ``sequence`` holds the ids of everything in context,
-    with the pad id standing in for the image rows (those positions are always cached, so
-    their ids are never embedded).
-
-    The answers are the exact tokens the model wrote (``ChatSession`` decodes them to text
-    and re-tokenizes the history every turn instead).
-    """
-
-    def __init__(self, model, image, tokenizer, **generate_kwargs):
-        super().__init__(model, image, tokenizer, **generate_kwargs)
-        self.sequence = []  # ids in context (image rows as pad ids); the cache holds all but the last
-        self.cache = None
-        self.stops = stop_token_ids(tokenizer)
-        self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-
-    def fork(self):
-        """A copy whose cache and history can grow without touching this one."""
-        twin = copy.copy(self)
-        twin.history, twin.sequence, twin.cache = list(self.history), list(self.sequence), copy.deepcopy(self.cache)
-        return twin
-
-    def _chunk_ids(self, text):
-        """Ids of a prompt chunk that follows earlier text: tokenized alone, BOS dropped (as token_split does)."""
-        ids = self.tokenizer(text).input_ids
-        return ids[1:] if ids and ids[0] == self.tokenizer.bos_token_id else ids
-
-    @torch.inference_mode()
-    def ask(self, question, **generate_kwargs):
-        """Answer ``question``; returns the answer text. Only uncached tokens are run through the LLM."""
-        from transformers import DynamicCache
-
-        kwargs = generation_kwargs(self.tokenizer, {**self.generate_kwargs, **generate_kwargs})
-        text_model = self.model.text_model
-        if self.cache is None:  # turn 1: the picture and the first question
-            ids = tokenizer_image_token(build_prompt(question), self.tokenizer)  # (L,) with one -200
-            features = self.model.encode_images(self.model.preprocess([self.image]))  # (1, P, hidden)
-            batch = splice_batch([ids], features, text_model.get_input_embeddings())  # (1, L - 1 + P, hidden)
-            self.cache = DynamicCache()
-            with _old_cache_name():
-                new = text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                          past_key_values=self.cache, **kwargs)[0]  # (n_new,) new tokens only
-            pad = kwargs["pad_token_id"]
-            for token_id in ids.tolist():
-                self.sequence.extend([pad] * features.shape[1] if token_id == IMAGE_TOKEN_INDEX else [token_id])
-        else:  # a follow-up: only the last answer token and the new user turn are new to the cache
-            self.sequence += self._chunk_ids(user_turn(question) + ASSISTANT_HEADER)
-            input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); generate skips the cached part
-            with _old_cache_name():
-                out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          past_key_values=self.cache, **kwargs)
-            new = out[0, input_ids.shape[1]:]  # (n_new,)
-        new = cut_at_stop(new, self.stops)
-        self.sequence += new.tolist()
-        if not new.numel() or new[-1].item() not in self.stops:
-            self.sequence.append(self.eot_id)  # the turn ran out of tokens: close it as the chat format requires
-        answer = self.tokenizer.decode(new, skip_special_tokens=True)
-        self.history.append((question, answer))
-        return answer
 
 
 ORIGINAL_USER = "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"

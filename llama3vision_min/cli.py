@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny"
-"""The stand-in used when ``--model`` is not given (random weights: it answers noise)."""
+DEFAULT_MODEL = "mini"
+"""The model used when ``--model`` is not given: the shipped miniature (trained on coloured shapes)."""
 
 
 class CliError(Exception):
@@ -24,8 +24,9 @@ def _parser():
     ask.add_argument("question", help="the question, e.g. 'what is this?'")
     ask.add_argument("--image", required=True, help="path to the picture")
     ask.add_argument("--model", default=DEFAULT_MODEL,
-                     help="'tiny' (the offline stand-in), a folder in the -hf layout, or a Hub id "
-                          "such as qresearch/llama-3-vision-alpha-hf (default: %(default)s)")
+                     help="'mini' (the shipped miniature), 'tiny' (random weights: answers noise), a folder "
+                          "in the -hf layout, or a Hub id such as qresearch/llama-3-vision-alpha-hf "
+                          "(default: %(default)s)")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
@@ -58,6 +59,13 @@ def _load_model(name):
 
     if name == "tiny":
         return load_tiny()
+    if name == "mini":
+        from .shapes import load_mini
+
+        try:
+            return load_mini()
+        except ValueError as error:
+            raise CliError(str(error)) from None
     try:
         model = LlamaVision.from_pretrained(name)
         tokenizer = load_tokenizer(name)

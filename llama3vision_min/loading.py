@@ -307,7 +307,10 @@ def _projector_file(projector):
 
 
 def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
-    """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision``."""
+    """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision``.
+
+    ``projector=None`` starts a fresh, untrained projector of the right shape (for stage-1 training).
+    """
     from transformers import AutoModelForCausalLM, SiglipVisionModel
 
     llm_kwargs = {"dtype": dtype}
@@ -322,9 +325,12 @@ def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_i
         )
         llm_kwargs["device_map"] = {"": device or 0}
 
-    projector_module = load_projector(_projector_file(projector))
     text_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
     vision_model = SiglipVisionModel.from_pretrained(vision, dtype=dtype)
+    if projector is None:
+        projector_module = ProjectionModule(vision_model.config.hidden_size, text_model.config.hidden_size)
+    else:
+        projector_module = load_projector(_projector_file(projector))
     if projector_module.mm_hidden_size != vision_model.config.hidden_size:
         raise ValueError(f"the projector takes {projector_module.mm_hidden_size}-wide features but the vision "
                          f"model gives {vision_model.config.hidden_size}")

@@ -136,6 +136,15 @@ class LlamaVision(nn.Module):
         prompts = [build_prompt(question) for question in questions]
         return self.generate_from_prompts(prompts, [[image] for image in images], tokenizer, **generate_kwargs)
 
-    def chat(self, image, tokenizer, **generate_kwargs):
-        """Start a multi-turn conversation about ``image`` (see ``ChatSession``)."""
+    def chat(self, image, tokenizer, reuse_cache=False, **generate_kwargs):
+        """Start a multi-turn conversation about ``image``; ``session.ask(question)`` returns each answer.
+
+        ``reuse_cache=False``: a ``ChatSession``, which runs the whole conversation again every
+        turn (simplest). ``reuse_cache=True``: a ``CachedChat``, which keeps the KV cache so a
+        follow-up only runs its new tokens (same answers, much faster at real size).
+        """
+        if reuse_cache:
+            from .cached_chat import CachedChat
+
+            return CachedChat(self, image, tokenizer, **generate_kwargs)
         return ChatSession(self, image, tokenizer, **generate_kwargs)

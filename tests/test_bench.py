@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llama3vision_min import build_prompt, splice_batch, tokenizer_image_token
-from llama3vision_min.bench import CachedChat, PeakMemory, main, original_follow_up
+from llama3vision_min.bench import PeakMemory, main, original_follow_up
+from llama3vision_min.cached_chat import CachedChat
 from llama3vision_min.export import n_patches
 from llama3vision_min.prompt import ASSISTANT_HEADER, user_turn
 

@@ -3,7 +3,8 @@
     OUT/tokenizer/   the shapes-world tokenizer
     OUT/A/           stage A's vision tower (SiglipVisionModel)
     OUT/B/           stage B's language model (LlamaForCausalLM)
-    OUT/mini/        stage C's LlamaVision in the -hf layout + tokenizer + README.md (the miniature)
+    OUT/mini/        stage C's LlamaVision in the -hf layout + tokenizer + README.md (the miniature's
+                     model card) + report.json (a copy of the report below)
     OUT/report.json  timings, losses, probes and accuracies of every stage run so far
 
 ``--ship`` copies OUT/mini into the package (``llama3vision_min/mini``), where ``load_mini`` finds it.
@@ -167,8 +168,8 @@ def write_model_card(folder, report):
         "",
         "## What it is",
         "",
-        f"* Pictures: 64 x 64 px, one to three copies of one shape (circle, square, triangle, star, cross) in one",
-        "  colour (red, green, blue, yellow, purple) at random places and sizes on a random greyish background.",
+        "* Pictures: 64 x 64 px, one to three copies of one shape (circle, square, triangle, star, cross) in one",
+        "  colour (red, green, blue, yellow, purple) at random places and sizes on a random light greyish background.",
         f"* Vision tower: SigLIP architecture, patch {r.get('patch_size')}, hidden {r.get('vision_hidden')}, "
         f"{r.get('vision_layers')} layers -> {r.get('patch_size') and (64 // r['patch_size']) ** 2} patch tokens; "
         "features from `hidden_states[-2]`.",
@@ -186,7 +187,8 @@ def write_model_card(folder, report):
         lines.append(
             f"* **A, vision tower** ({a['stage_seconds']:.0f} s): a tiny `SiglipModel` (image and text towers) trained "
             f"{r.get('a_steps')} steps with the sigmoid contrastive loss on picture/caption pairs (\"two red circles\"), "
-            f"batches of {r.get('a_batch')} different captions; logit scale/bias start at log 10 / -10. Linear probe on "
+            f"batches of {r.get('a_batch')} different captions, lr {r.get('a_lr')} with {_pct(r.get('a_warmup', 0.03))} "
+            "warm-up then cosine; logit scale/bias start at log 10 / -5. Linear probe on "
             f"mean-pooled `hidden_states[-2]`: colour {_pct(a['probe']['colour'])}, shape {_pct(a['probe']['shape'])}, "
             f"count {_pct(a['probe']['count'])} (random tower: {_pct(a['probe_random_tower']['colour'])}, "
             f"{_pct(a['probe_random_tower']['shape'])}, {_pct(a['probe_random_tower']['count'])}).")
@@ -195,13 +197,17 @@ def write_model_card(folder, report):
         lines.append(
             f"* **B, LLM** ({b['stage_seconds']:.0f} s): trained {r.get('b_steps')} steps, text only, on Llama 3 chat "
             "dialogs whose user turn holds a written description of a scene (padded with filler words to as many "
-            "tokens as the picture has patches) and a question; loss on the answer. Reads: "
+            f"tokens as the picture has patches; up to {_pct(r.get('b_noise', 0.0))} of its content words swapped for "
+            "wrong ones, so it learns to go by what most of the description says) and a question; loss on the "
+            "answer. Reads clean descriptions: "
             + ", ".join(f"{q} {_pct(v)}" for q, v in b["reading_accuracy"].items()) + ".")
     if "C" in report:
         c = report["C"]
         lines.append(
             f"* **C, projector** ({c['stage_seconds']:.0f} s): A and B frozen, {r.get('c_steps')} steps of batch "
-            f"{r.get('c_batch')} on {r.get('c_pictures')} pictures, lr {r.get('c_lr')}, warmup 3 %, cosine; labels -100 "
+            f"{r.get('c_batch')} on {r.get('c_pictures')} pictures (question types what/colour/shape/count drawn "
+            f"{':'.join(str(w) for w in r.get('c_question_weights', (1, 1, 1, 1)))}), lr {r.get('c_lr')}, "
+            "warmup 3 %, cosine; labels -100 "
             f"except the answer tokens. Frozen vision features cached once: {c['cache_speedup']:.2f}x faster per step "
             f"than recomputing them ({1000 * c['step_seconds_recomputed']:.0f} ms -> {1000 * c['step_seconds_cached']:.0f} ms).")
     if "D" in report:
@@ -232,3 +238,4 @@ def write_model_card(folder, report):
                   "embedding space, where the projected pictures mean nothing."]
     lines.append("")
     (Path(folder) / "README.md").write_text("\n".join(lines))
+    _save_report(folder, report)  # the numbers behind the card, for notebooks and tests

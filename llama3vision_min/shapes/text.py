@@ -156,18 +156,48 @@ class PromptBuilder:
             raise AssertionError("a description is not exactly one token per image patch")
 
 
-def random_description(rng, colour, shape, count, n_words, reworded=False):
+def random_description(rng, colour, shape, count, n_words, reworded=False, max_noise=0.0):
     """A description of exactly ``n_words`` words: the scene's phrase over and over, some words replaced by filler.
 
     The phrase is repeated from a random offset to fill ``n_words``; then a random share
     (up to half) of the words become filler. A picture's patches all "know" the scene, so
     the projector can say it at every patch, as the description does at every word.
+
+    ``max_noise`` > 0 also replaces a random share (up to ``max_noise``) of the content words
+    by a wrong word of the same kind (another colour, another shape, another count), so the
+    LLM learns to answer with what *most* of the description says. Picture tokens are like
+    that: each patch holds the scene only partly (one patch may look more like "three" than
+    "two"), and an LLM that reads only consistent descriptions cannot weigh such evidence.
     """
     content = (reworded_phrase if reworded else phrase)(colour, shape, count).split()
     offset = rng.randrange(len(content))
     words = [content[(offset + i) % len(content)] for i in range(n_words)]
+    noise = rng.uniform(0.0, max_noise)
     share = rng.uniform(0.0, 0.5)
     for i in range(n_words):
+        if rng.random() < noise:
+            words[i] = _wrong_word(rng, words[i])
         if rng.random() < share:
             words[i] = rng.choice(FILLERS)
     return words
+
+
+_KINDS = (tuple(COLOURS), SHAPES, tuple(PLURALS.values()), ("a", "two", "three"))
+_OTHER_NUMBER = {**PLURALS, **{plural: shape for shape, plural in PLURALS.items()}}  # circle <-> circles
+
+
+def _wrong_word(rng, word):
+    """Another word of the same kind (colour, shape, count), or a shape in the other number
+    (``circle`` -> ``circles``); other words unchanged.
+
+    Count words and noun numbers are both noisy, so neither alone tells the count: the
+    LLM learns to weigh all the evidence, and to make the noun agree with the count word
+    it has just written ("two" -> "circles").
+    """
+    for kind in _KINDS:
+        if word in kind:
+            others = [other for other in kind if other != word]
+            if word in _OTHER_NUMBER:
+                others.append(_OTHER_NUMBER[word])
+            return rng.choice(others)
+    return word

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..image import vision_features
 from ..model import LlamaVision
+from ..pretrain import freeze_all_but_projector
 from ..projector import ProjectionModule
 from .text import REWORDED_QUESTIONS, PromptBuilder, make_tokenizer, random_description
 from .world import (COLOURS, COUNTS, IMAGE_SIZE, N_CLASSES, QUESTION_TYPES, QUESTIONS, SHAPES, answer, phrase,
@@ -52,18 +53,21 @@ class Recipe:
     text_kv_heads: int = 2
     text_intermediate: int = 256
     # stage A: one picture per class (75) per batch, so no caption is a false negative
-    a_steps: int = 1500
-    a_batch: int = 30
-    a_lr: float = 5e-4
+    a_steps: int = 1200
+    a_batch: int = 75
+    a_lr: float = 2e-3
+    a_warmup: float = 0.2
     # stage B
     b_steps: int = 1200
     b_batch: int = 16
     b_lr: float = 1.5e-3
+    b_noise: float = 0.5  # up to half the content words of a description swapped for wrong ones
     # stage C (the LLaVA stage-1 recipe, shrunk): lr 1e-3, warmup 3 %, cosine
-    c_steps: int = 900
+    c_steps: int = 3000
     c_batch: int = 16
     c_lr: float = 1e-3
     c_pictures: int = 6000
+    c_question_weights: tuple = (2, 1, 1, 2)  # what, colour, shape, count: the hard types more often
     # stage D
     d_steps: int = 120
     d_lr: float = 5e-4
@@ -95,15 +99,10 @@ def to_pixels(images):
 
 
 def _schedule(optimizer, steps, warmup_ratio=0.03):
-    """Linear warm-up, then cosine decay to zero (the LLaVA schedule)."""
-    warmup = max(1, int(steps * warmup_ratio))
+    """Linear warm-up, then cosine decay to zero (the LLaVA schedule, transformers' implementation)."""
+    from transformers import get_cosine_schedule_with_warmup
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_cosine_schedule_with_warmup(optimizer, max(1, math.ceil(steps * warmup_ratio)), steps)
 
 
 def _bar(steps, desc, progress):
@@ -193,7 +192,9 @@ def train_vision(recipe=Recipe(), tokenizer=None, progress=True, probe=True):
     tokenizer = tokenizer or make_tokenizer()
     rng = _seeded(recipe.seed)
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=3, projection_size=recipe.vision_hidden)
+                num_attention_heads=4, max_position_embeddings=3, projection_size=recipe.vision_hidden,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id)
     config = SiglipConfig(text_config=text, vision_config=vision_config(recipe).to_dict())
     model = SiglipModel(config)
     with torch.no_grad():
@@ -201,7 +202,7 @@ def train_vision(recipe=Recipe(), tokenizer=None, progress=True, probe=True):
         model.logit_bias.fill_(-5.0)
     captions = _caption_ids(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.a_lr, weight_decay=1e-4)
-    scheduler = _schedule(optimizer, recipe.a_steps)
+    scheduler = _schedule(optimizer, recipe.a_steps, recipe.a_warmup)
     losses, start = [], time.perf_counter()
     model.train()
     bar = _bar(recipe.a_steps, "A vision (sigmoid loss)", progress)
@@ -268,12 +269,12 @@ def linear_probe(tower, n_train=1500, n_test=500, steps=300):
 
 
 # -- stage B: the language model -----------------------------------------------------------------
-def _reading_batch(builder, rng, batch, question_type, reworded=False):
+def _reading_batch(builder, rng, batch, question_type, reworded=False, max_noise=0.0):
     """One batch of reading dialogs of one question type (so all rows have one length, no padding)."""
     contexts, answers = [], []
     for _ in range(batch):
         content = random_scene_content(rng)
-        words = random_description(rng, *content, builder.n_patches, reworded=reworded)
+        words = random_description(rng, *content, builder.n_patches, reworded=reworded, max_noise=max_noise)
         contexts.append(builder.description_ids(words))
         answers.append(_answer(content, question_type))
     question = (REWORDED_QUESTIONS if reworded else QUESTIONS)[question_type]
@@ -297,7 +298,7 @@ class _Content:
     count: int
 
 
-def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=False):
+def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=False, max_noise=0.0):
     """Train ``model`` on reading dialogs; loss on the answer tokens only. Returns the losses."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, steps)
@@ -305,7 +306,7 @@ def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=Fa
     model.train()
     bar = _bar(steps, desc, progress)
     for step in bar:
-        input_ids, labels = _reading_batch(builder, rng, batch, rng.choice(QUESTION_TYPES), reworded)
+        input_ids, labels = _reading_batch(builder, rng, batch, rng.choice(QUESTION_TYPES), reworded, max_noise)
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -355,7 +356,7 @@ def train_language(recipe=Recipe(), tokenizer=None, progress=True, seed=None):
     llm = LlamaForCausalLM(text_config(recipe, tokenizer))
     start = time.perf_counter()
     losses = _train_lm(llm, builder, rng, recipe.b_steps, recipe.b_batch, recipe.b_lr,
-                       f"B language (seed {seed})", progress)
+                       f"B language (seed {seed})", progress, max_noise=recipe.b_noise)
     seconds = time.perf_counter() - start
     llm.requires_grad_(False)
     report = {"seconds": seconds, **_loss_summary(losses), "reading_accuracy": reading_accuracy(llm, builder)}
@@ -402,19 +403,22 @@ def _time_steps(model, builder, scenes, feats, pixels, n_steps=8):
     return timings
 
 
-def train_projector(tower, llm, tokenizer, recipe=Recipe(), progress=True, time_cache=True):
+def train_projector(tower, llm, tokenizer, recipe=Recipe(), progress=True, time_cache=True, on_step=None,
+                    validate=True):
     """Stage C: freeze ``tower`` and ``llm``, train only a new projector; ``(LlamaVision, report)``.
 
-    The frozen tower's features of the training pictures are computed once and reused
-    (they cannot change); ``forward(vision_features=..., labels=...)`` splices them in.
+    The LLaVA stage-1 recipe of ``llama3vision_min.pretrain`` at toy size: the same freezing
+    (``freeze_all_but_projector``), schedule and answer-only labels. The frozen tower's
+    features of the training pictures are computed once and reused (they cannot change);
+    ``forward(vision_features=..., labels=...)`` splices them in. ``on_step(step, losses)``
+    is called after every step (e.g. to draw a live loss plot).
     """
     rng = _seeded(recipe.seed + 2)
     builder = PromptBuilder(tokenizer, recipe.n_patches)
     builder.check()
-    tower.eval().requires_grad_(False)
-    llm.eval().requires_grad_(False)
     projector = ProjectionModule(tower.config.hidden_size, llm.config.hidden_size)
     model = LlamaVision(vision_model=tower, text_model=llm, mm_projector=projector)
+    params = freeze_all_but_projector(model)  # the towers frozen, the projector trained
 
     scenes = [scene(seed) for seed in range(recipe.c_pictures)]
     images = [render(s) for s in scenes]
@@ -423,16 +427,14 @@ def train_projector(tower, llm, tokenizer, recipe=Recipe(), progress=True, time_
     cache_seconds = time.perf_counter() - begin
     timings = _time_steps(model, builder, scenes, feats, to_pixels(images[:320])) if time_cache else None
 
-    val_scenes = [scene(VALIDATION_START + 10_000 + i) for i in range(200)]
-    val_feats = cached_features(tower, [render(s) for s in val_scenes])
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.c_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=recipe.c_lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, recipe.c_steps)
     losses, start = [], time.perf_counter()
-    projector.train()
     bar = _bar(recipe.c_steps, "C projector (frozen A + B)", progress)
     for step in bar:
         indices = [rng.randrange(len(scenes)) for _ in range(recipe.c_batch)]
-        input_ids, labels = _picture_batch(builder, scenes, indices, rng.choice(QUESTION_TYPES))
+        question_type = rng.choices(QUESTION_TYPES, weights=recipe.c_question_weights)[0]
+        input_ids, labels = _picture_batch(builder, scenes, indices, question_type)
         loss = model(input_ids, vision_features=feats[indices], labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -441,12 +443,15 @@ def train_projector(tower, llm, tokenizer, recipe=Recipe(), progress=True, time_
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step, losses)
     seconds = time.perf_counter() - start
     model.eval().requires_grad_(False)
-    report = {
-        "seconds": seconds, "cache_seconds": cache_seconds, **_loss_summary(losses),
-        "validation_accuracy": projector_accuracy(model, builder, val_feats, val_scenes),
-    }
+    report = {"seconds": seconds, "cache_seconds": cache_seconds, **_loss_summary(losses)}
+    if validate:  # teacher-forced accuracy on validation pictures (not the held-out evaluation ones)
+        val_scenes = [scene(VALIDATION_START + 10_000 + i) for i in range(200)]
+        val_feats = cached_features(tower, [render(s) for s in val_scenes])
+        report["validation_accuracy"] = projector_accuracy(model, builder, val_feats, val_scenes)
     if timings:
         report.update(step_seconds_cached=timings["cached"], step_seconds_recomputed=timings["recomputed"],
                       cache_speedup=timings["recomputed"] / timings["cached"])
@@ -461,7 +466,7 @@ def finetune_language(llm, tokenizer, recipe=Recipe(), progress=True):
     tuned = copy.deepcopy(llm).requires_grad_(True)
     start = time.perf_counter()
     losses = _train_lm(tuned, builder, rng, recipe.d_steps, recipe.b_batch, recipe.d_lr, "D fine-tune (new wording)",
-                       progress, reworded=True)
+                       progress, reworded=True, max_noise=recipe.b_noise)
     tuned.requires_grad_(False)
     report = {"seconds": time.perf_counter() - start, **_loss_summary(losses),
               "reading_accuracy_new_wording": reading_accuracy(tuned, builder, reworded=True),

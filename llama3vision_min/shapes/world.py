@@ -1,6 +1,6 @@
 """The miniature world: pictures of coloured shapes, and questions about them.
 
-A picture is 64 x 64 pixels on a random, nearly grey background and holds one, two or
+A picture is 64 x 64 pixels on a random, light, nearly grey background and holds one, two or
 three copies of one shape in one colour (5 shapes x 5 colours), each at its own random
 position and size, never overlapping. Because all objects in a picture share their
 colour and shape, every question has exactly one right answer:
@@ -112,15 +112,23 @@ def _jitter(rgb, rng, amount):
 
 
 def _random_background(rng):
-    """A nearly grey colour, dark to light, with a slight tint (never a saturated colour)."""
-    grey = rng.randint(15, 240)
+    """A light, nearly grey colour with a slight tint (never a saturated colour).
+
+    Light only: on dark backgrounds the dark colours (blue, purple) nearly vanish, and the
+    tiny vision tower then needs several times more training to tell the shapes apart.
+    """
+    grey = rng.randint(150, 235)
     return tuple(min(255, max(0, grey + rng.randint(-18, 18))) for _ in range(3))
 
 
-RADIUS_ONE = (9, 20)
-"""Radius range (pixels) of a lone object."""
-RADIUS_MANY = (7, 13)
+RADIUS_ONE = (9, 14)
+"""Radius range (pixels) of a lone object: the same as for each of several (when lone objects
+were larger, one big object and two small ones looked alike to the tiny vision tower, and
+counting stayed poor)."""
+RADIUS_MANY = (9, 14)
 """Radius range (pixels) of each object when there are two or three."""
+GAP = 6
+"""Smallest distance (pixels) between the outlines of two objects' circles."""
 
 
 def _place(rng, count):
@@ -132,7 +140,7 @@ def _place(rng, count):
             for _attempt in range(50):
                 r = rng.uniform(low, high)
                 x, y = rng.uniform(r + 1, IMAGE_SIZE - r - 2), rng.uniform(r + 1, IMAGE_SIZE - r - 2)
-                if all(math.hypot(x - px, y - py) > r + pr + 3 for px, py, pr in placed):
+                if all(math.hypot(x - px, y - py) > r + pr + GAP for px, py, pr in placed):
                     placed.append((x, y, r))
                     break
         if len(placed) == count:
