@@ -45,7 +45,7 @@ import torch
 from .constants import EOT_TOKEN
 from .generation import stop_token_ids
 from .image import make_processor
-from .loading import save_state_dict
+from .loading import save_state_dict, with_legacy_rope
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it too)."""
@@ -270,12 +270,7 @@ def _make_portable(folder, processor):
     """
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    rope = config["text_config"].get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config["text_config"].setdefault("rope_theta", rope["rope_theta"])
-        if rope.get("rope_type", "default") != "default":
-            scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
-            config["text_config"].setdefault("rope_scaling", scaling)
+    config["text_config"] = with_legacy_rope(config["text_config"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     tokenizer_file = folder / "tokenizer_config.json"

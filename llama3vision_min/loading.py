@@ -261,6 +261,23 @@ def _part_state_dicts(model):
     return state
 
 
+def with_legacy_rope(text_config):
+    """A text-config dict that transformers 4.x reads with the right RoPE too.
+
+    transformers 5 writes the RoPE settings as ``rope_parameters: {rope_theta, rope_type,
+    ...}``; 4.x does not know that key and would fall back to ``rope_theta=10000`` (Llama 3
+    uses 500000), silently changing every answer. The 4.x keys ``rope_theta`` (and
+    ``rope_scaling`` for non-default RoPE) are added; 5.x reads them too.
+    """
+    config = dict(text_config)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    return config
+
+
 def save_hf_layout(model, path, max_shard_size="5GB"):
     """Write ``config.json`` and safetensors shards in the -hf layout."""
     folder = Path(path)
@@ -269,7 +286,7 @@ def save_hf_layout(model, path, max_shard_size="5GB"):
         "model_type": "llamavision",
         "architectures": ["LlamaVision"],
         "image_token_index": -200,
-        "text_config": model.text_model.config.to_dict(),
+        "text_config": with_legacy_rope(model.text_model.config.to_dict()),
         "vision_config": model.vision_model.config.to_dict(),
     }
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -136,6 +136,9 @@ def test_saved_folder_has_the_hf_layout(tiny, saved):
     assert config["text_config"]["hidden_size"] == model.text_model.config.hidden_size
     assert config["vision_config"]["hidden_size"] == model.vision_model.config.hidden_size
     assert config["vision_config"]["image_size"] == model.vision_model.config.image_size
+    # transformers 4.x reads RoPE only from the top-level ``rope_theta`` (5.x also writes rope_parameters):
+    # without it 4.x would load Llama 3's theta of 500000 as 10000
+    assert config["text_config"]["rope_theta"] == 500000.0
 
 
 @pytest.mark.parametrize("form", ["nested", "flat"])
