@@ -213,7 +213,8 @@ def write_model_card(folder, report):
     if "D" in report:
         d = report["D"]
         lines.append(
-            f"* **D, LLM swap** ({d['stage_seconds']:.0f} s): a copy of B fine-tuned {r.get('d_steps')} steps on other "
+            f"* **D, LLM swap** ({d['stage_seconds']:.0f} s): a copy of B fine-tuned {r.get('d_steps')} steps (lr "
+            f"{r.get('d_lr')}) on other "
             "wordings of descriptions and questions; C's projector plugged in unchanged. Control: an LLM trained like B "
             f"from seed {r.get('seed', 0) + r.get('control_seed_offset', 0)}.")
     if "total_seconds" in report:
