@@ -17,7 +17,7 @@ from .constants import IMAGE_TOKEN_INDEX
 from .generation import ChatSession, cut_at_stop, generation_kwargs, stop_token_ids
 from .prompt import ASSISTANT_HEADER, build_prompt, user_turn
 from .splice import splice_batch
-from .token_split import tokenizer_image_token
+from .token_split import continuation_ids, tokenizer_image_token
 
 
 @contextlib.contextmanager
@@ -57,11 +57,6 @@ class CachedChat(ChatSession):
         twin.history, twin.sequence, twin.cache = list(self.history), list(self.sequence), copy.deepcopy(self.cache)
         return twin
 
-    def _chunk_ids(self, text):
-        """Ids of a prompt chunk that follows earlier text: tokenized alone, BOS dropped (as token_split does)."""
-        ids = self.tokenizer(text).input_ids
-        return ids[1:] if ids and ids[0] == self.tokenizer.bos_token_id else ids
-
     @torch.inference_mode()
     def ask(self, question, **generate_kwargs):
         """Answer ``question``; returns the answer text. Only uncached tokens are run through the LLM."""
@@ -81,7 +76,7 @@ class CachedChat(ChatSession):
             for token_id in ids.tolist():
                 self.sequence.extend([pad] * features.shape[1] if token_id == IMAGE_TOKEN_INDEX else [token_id])
         else:  # a follow-up: only the last answer token and the new user turn are new to the cache
-            self.sequence += self._chunk_ids(user_turn(question) + ASSISTANT_HEADER)
+            self.sequence += continuation_ids(user_turn(question) + ASSISTANT_HEADER, self.tokenizer)
             input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); generate skips the cached part
             with _old_cache_name():
                 out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

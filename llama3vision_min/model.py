@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import loading
+from .cached_chat import CachedChat
 from .generation import ChatSession, cut_at_stop, generation_kwargs
 from .image import make_processor, preprocess_images, vision_features
 from .prompt import build_prompt
@@ -144,7 +145,5 @@ class LlamaVision(nn.Module):
         follow-up only runs its new tokens (same answers, much faster at real size).
         """
         if reuse_cache:
-            from .cached_chat import CachedChat
-
             return CachedChat(self, image, tokenizer, **generate_kwargs)
         return ChatSession(self, image, tokenizer, **generate_kwargs)

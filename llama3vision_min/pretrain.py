@@ -33,7 +33,7 @@ from PIL import Image
 
 from .constants import EOT_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER
 from .prompt import build_prompt
-from .token_split import tokenizer_image_token
+from .token_split import continuation_ids, tokenizer_image_token
 
 
 # -- the data ------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def example_ids(question, answer, tokenizer):
     way generation sees it: the prompt ends with the assistant header, the answer follows.
     """
     prompt = tokenizer_image_token(build_prompt(question), tokenizer)  # (L_prompt,) with one -200
-    answer_ids = torch.tensor(tokenizer(answer + EOT_TOKEN, add_special_tokens=False).input_ids)
+    answer_ids = torch.tensor(continuation_ids(answer + EOT_TOKEN, tokenizer))  # (L_answer,)
     input_ids = torch.cat([prompt, answer_ids])
     labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer_ids])
     return input_ids, labels

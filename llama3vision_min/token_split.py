@@ -42,3 +42,13 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
         ids.append(image_token_index)
         ids.extend(later[1:] if adds_bos else later)
     return torch.tensor(ids, dtype=torch.long)  # (seq_len,)
+
+
+def continuation_ids(text, tokenizer):
+    """Ids of text that follows earlier text in a sequence: tokenized on its own, BOS dropped.
+
+    The same rule as for the later chunks above; used wherever a prompt is built piece by
+    piece (a chat's next turn, an answer appended to a prompt).
+    """
+    ids = list(tokenizer(text).input_ids)
+    return ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids

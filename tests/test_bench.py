@@ -13,6 +13,7 @@ from llama3vision_min.bench import PeakMemory, main, original_follow_up
 from llama3vision_min.cached_chat import CachedChat
 from llama3vision_min.export import n_patches
 from llama3vision_min.prompt import ASSISTANT_HEADER, user_turn
+from llama3vision_min.token_split import continuation_ids
 
 from conftest import make_image
 
@@ -61,7 +62,7 @@ def test_cached_follow_up_equals_a_fresh_run_over_the_whole_conversation(tiny):
     chat = CachedChat(model, image, tokenizer, **fixed)
     chat.ask("what is this?")
     n_turn1 = len(chat.sequence)  # prompt (image rows as pad ids) + answer + closing <|eot_id|>
-    turn2 = chat._chunk_ids(user_turn("what colour is the shape?") + ASSISTANT_HEADER)
+    turn2 = continuation_ids(user_turn("what colour is the shape?") + ASSISTANT_HEADER, tokenizer)
     fork = chat.fork()
     chat.ask("what colour is the shape?")
     answer2 = torch.tensor(chat.sequence[n_turn1 + len(turn2): -1])  # the appended <|eot_id|> dropped

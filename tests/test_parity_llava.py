@@ -14,6 +14,7 @@ import transformers
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llama3vision_min import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from llama3vision_min.export import _child  # finds LLaVA's sub-modules on transformers 4.57 and 5.x
 from llama3vision_min.generation import stop_token_ids
 
 from conftest import make_image
@@ -26,19 +27,6 @@ MAX_LOGIT_DIFF = {}
 
 def _n_patches(model):
     return (model.image_size // model.vision_model.config.patch_size) ** 2
-
-
-def _child(module, *paths):
-    """The first attribute path that exists: LLaVA's sub-modules moved between transformers 4.x and 5.x."""
-    for path in paths:
-        found = module
-        for name in path.split("."):
-            found = getattr(found, name, None)
-            if found is None:
-                break
-        if isinstance(found, torch.nn.Module):
-            return found
-    raise AttributeError(f"none of {paths} on {type(module).__name__}")
 
 
 def llava_parts(llava):

@@ -31,7 +31,7 @@ import torch
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..prompt import ASSISTANT_HEADER, build_prompt, user_turn
 from ..tiny import tiny_tokenizer
-from ..token_split import tokenizer_image_token
+from ..token_split import continuation_ids, tokenizer_image_token
 from .world import COLOURS, COUNTS, PLURALS, QUESTIONS, SHAPES, phrase
 
 FILLERS = ("the", ".", "of", ",", "and", "on")
@@ -94,14 +94,12 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.n_patches = n_patches
         self.prefix = tokenizer(user_turn("").split("<|eot_id|>")[0]).input_ids  # [BOS, sh, user, eh, \n\n]
-        self.bos = tokenizer.bos_token_id
         self._cache = {}
 
     def _ids(self, text):
         """Ids of a chunk that follows another chunk: tokenized alone, the BOS dropped."""
         if text not in self._cache:
-            ids = self.tokenizer(text).input_ids
-            self._cache[text] = ids[1:] if ids and ids[0] == self.bos else ids
+            self._cache[text] = continuation_ids(text, self.tokenizer)
         return self._cache[text]
 
     def question_ids(self, question):
