@@ -23,7 +23,7 @@ from ..model import LlamaVision
 from .evaluate import evaluate
 from .text import REWORDED_QUESTIONS, make_tokenizer
 from .train import Recipe, finetune_language, swap_llm, train_language, train_projector, train_vision
-from .world import HELD_OUT_START, QUESTION_TYPES
+from .world import HELD_OUT_START, QUESTION_TYPES, RADIUS_MANY
 
 MINI_DIR = Path(__file__).resolve().parents[1] / "mini"
 """Where the shipped miniature lives inside the package."""
@@ -169,7 +169,8 @@ def write_model_card(folder, report):
         "## What it is",
         "",
         "* Pictures: 64 x 64 px, one to three copies of one shape (circle, square, triangle, star, cross) in one",
-        "  colour (red, green, blue, yellow, purple) at random places and sizes on a random light greyish background.",
+        "  colour (red, green, blue, yellow, purple) at random places and sizes (radius "
+        f"{RADIUS_MANY[0]}-{RADIUS_MANY[1]} px) on a random light greyish background.",
         f"* Vision tower: SigLIP architecture, patch {r.get('patch_size')}, hidden {r.get('vision_hidden')}, "
         f"{r.get('vision_layers')} layers -> {r.get('patch_size') and (64 // r['patch_size']) ** 2} patch tokens; "
         "features from `hidden_states[-2]`.",
@@ -198,8 +199,10 @@ def write_model_card(folder, report):
             f"* **B, LLM** ({b['stage_seconds']:.0f} s): trained {r.get('b_steps')} steps, text only, on Llama 3 chat "
             "dialogs whose user turn holds a written description of a scene (padded with filler words to as many "
             f"tokens as the picture has patches; up to {_pct(r.get('b_noise', 0.0))} of its content words swapped for "
-            "wrong ones, so it learns to go by what most of the description says) and a question; loss on the "
-            "answer. Reads clean descriptions: "
+            "wrong ones, so it learns to go by what most of the description says"
+            + ("; nouns in singular or plural at random, so its answer's noun agrees with the count word it wrote"
+               if r.get("b_mixed_number") else "")
+            + ") and a question; loss on the answer. Reads clean descriptions: "
             + ", ".join(f"{q} {_pct(v)}" for q, v in b["reading_accuracy"].items()) + ".")
     if "C" in report:
         c = report["C"]
@@ -214,8 +217,12 @@ def write_model_card(folder, report):
         d = report["D"]
         lines.append(
             f"* **D, LLM swap** ({d['stage_seconds']:.0f} s): a copy of B fine-tuned {r.get('d_steps')} steps (lr "
-            f"{r.get('d_lr')}) on other "
-            "wordings of descriptions and questions; C's projector plugged in unchanged. Control: an LLM trained like B "
+            f"{r.get('d_lr')}) on another wording of the descriptions and the questions ({_pct(r.get('d_old_questions', 0))} "
+            "of its batches still asked in the old wording); C's projector plugged in unchanged. The fine-tune reads "
+            "text descriptions in its new wording: "
+            + ", ".join(f"{q} {_pct(v)}" for q, v in d["reading_accuracy_new_wording"].items())
+            + "; in the old: " + ", ".join(f"{q} {_pct(v)}" for q, v in d["reading_accuracy"].items())
+            + ". Control: an LLM trained like B "
             f"from seed {r.get('seed', 0) + r.get('control_seed_offset', 0)}.")
     if "total_seconds" in report:
         lines.append(f"* All stages from scratch: {report['total_seconds']:.0f} s on this machine's 2 CPU threads.")
@@ -231,11 +238,11 @@ def write_model_card(folder, report):
         lines += ["", f"LLM swap ({d['original']['n_pictures']} other held-out pictures, projector not retrained):", "",
                   "| LLM under the projector | what | colour | shape | count | all |", "|---|---|---|---|---|---|",
                   _accuracy_row("B, the LLM the projector was trained with", d["original"]),
-                  _accuracy_row("B fine-tuned on other wordings (D)", d["swapped"]),
+                  _accuracy_row("B fine-tuned on another wording (D), asked in the old wording", d["swapped"]),
                   _accuracy_row("D, asked in its new wording", d["swapped_new_wording"]),
                   _accuracy_row("control: an LLM trained like B from another seed", d["control"]),
-                  "", "The projector maps pictures into the embedding space that one LLM reads. A light fine-tune "
-                  "keeps that space, so the projector still works; an independently trained LLM has its own "
+                  "", "The projector maps pictures into the embedding space that one LLM reads. A fine-tune "
+                  "keeps most of that space, so the projector still works; an independently trained LLM has its own "
                   "embedding space, where the projected pictures mean nothing."]
     lines.append("")
     (Path(folder) / "README.md").write_text("\n".join(lines))

@@ -154,7 +154,7 @@ class PromptBuilder:
             raise AssertionError("a description is not exactly one token per image patch")
 
 
-def random_description(rng, colour, shape, count, n_words, reworded=False, max_noise=0.0):
+def random_description(rng, colour, shape, count, n_words, reworded=False, max_noise=0.0, mixed_number=False):
     """A description of exactly ``n_words`` words: the scene's phrase over and over, some words replaced by filler.
 
     The phrase is repeated from a random offset to fill ``n_words``; then a random share
@@ -166,6 +166,12 @@ def random_description(rng, colour, shape, count, n_words, reworded=False, max_n
     LLM learns to answer with what *most* of the description says. Picture tokens are like
     that: each patch holds the scene only partly (one patch may look more like "three" than
     "two"), and an LLM that reads only consistent descriptions cannot weigh such evidence.
+
+    ``mixed_number`` writes every noun of the description in the singular or the plural at
+    random. The noun's number then says nothing about the count, and the LLM learns to make
+    its answer agree with the count word it has just written ("a" -> "circle", "two" ->
+    "circles") instead of copying the number from its context (with pictures, it wrote
+    "a red circles").
     """
     content = (reworded_phrase if reworded else phrase)(colour, shape, count).split()
     offset = rng.randrange(len(content))
@@ -177,6 +183,8 @@ def random_description(rng, colour, shape, count, n_words, reworded=False, max_n
             words[i] = _wrong_word(rng, words[i])
         if rng.random() < share:
             words[i] = rng.choice(FILLERS)
+        if mixed_number and words[i] in _OTHER_NUMBER and rng.random() < 0.5:
+            words[i] = _OTHER_NUMBER[words[i]]
     return words
 
 
