@@ -10,7 +10,7 @@ from llama3vision_min.shapes import HELD_OUT_START, QUESTIONS, answer, evaluate,
 from llama3vision_min.shapes.text import PromptBuilder, make_tokenizer
 from llama3vision_min.shapes.train import (Recipe, cached_features, to_pixels, train_language, train_projector,
                                            train_vision)
-from llama3vision_min.shapes.world import COLOURS, COUNTS, IMAGE_SIZE, RADIUS_MANY, RADIUS_ONE, render
+from llama3vision_min.shapes.world import COLOURS, COUNTS, IMAGE_SIZE, RADIUS, render
 
 torch.set_num_threads(2)
 
@@ -101,7 +101,7 @@ def test_answers_match_what_is_drawn(seed):
         ys, xs = zip(*blob)
         fill = len(blob) / ((max(ys) - min(ys) + 1) * (max(xs) - min(xs) + 1))
         assert low <= fill <= high, (content.shape, fill)
-    low, high = RADIUS_ONE if content.count == 1 else RADIUS_MANY
+    low, high = RADIUS
     assert all(low <= obj.radius <= high for obj in content.objects), content.objects
 
 

@@ -23,7 +23,7 @@ from ..model import LlamaVision
 from .evaluate import evaluate
 from .text import REWORDED_QUESTIONS, make_tokenizer
 from .train import Recipe, finetune_language, swap_llm, train_language, train_projector, train_vision
-from .world import HELD_OUT_START, QUESTION_TYPES, RADIUS_MANY
+from .world import HELD_OUT_START, QUESTION_TYPES, RADIUS
 
 MINI_DIR = Path(__file__).resolve().parents[1] / "mini"
 """Where the shipped miniature lives inside the package."""
@@ -170,7 +170,7 @@ def write_model_card(folder, report):
         "",
         "* Pictures: 64 x 64 px, one to three copies of one shape (circle, square, triangle, star, cross) in one",
         "  colour (red, green, blue, yellow, purple) at random places and sizes (radius "
-        f"{RADIUS_MANY[0]}-{RADIUS_MANY[1]} px) on a random light greyish background.",
+        f"{RADIUS[0]}-{RADIUS[1]} px) on a random light greyish background.",
         f"* Vision tower: SigLIP architecture, patch {r.get('patch_size')}, hidden {r.get('vision_hidden')}, "
         f"{r.get('vision_layers')} layers -> {r.get('patch_size') and (64 // r['patch_size']) ** 2} patch tokens; "
         "features from `hidden_states[-2]`.",

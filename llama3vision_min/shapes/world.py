@@ -121,21 +121,19 @@ def _random_background(rng):
     return tuple(min(255, max(0, grey + rng.randint(-18, 18))) for _ in range(3))
 
 
-RADIUS_ONE = (10, 12)
-"""Radius range (pixels) of a lone object: the same as for each of several (when lone objects
-were larger, one big object and two small ones looked alike to the tiny vision tower, and
-counting stayed poor)."""
-RADIUS_MANY = (10, 12)
-"""Radius range (pixels) of each object when there are two or three. Narrow on purpose: with
-radii of 9 to 14 px the tiny vision tower counted partly by how much of the picture is
-coloured, and miscounted three small objects as two (count 97 % -> 98.6 % with this range)."""
+RADIUS = (10, 12)
+"""Radius range (pixels) of every object, whether it is alone or one of several. The same range
+for both: when lone objects were larger, one big object and two small ones looked alike to the
+tiny vision tower. Narrow on purpose: with radii of 9 to 14 px the tower counted partly by how
+much of the picture is coloured and miscounted three small objects as two (count 97 % -> 98.6 %
+with this range)."""
 GAP = 6
 """Smallest distance (pixels) between the outlines of two objects' circles."""
 
 
 def _place(rng, count):
     """Random non-overlapping (x, y, radius) for ``count`` objects inside the picture."""
-    low, high = RADIUS_ONE if count == 1 else RADIUS_MANY
+    low, high = RADIUS
     while True:  # rejection sampling; with these sizes a layout is found in a few tries
         placed = []
         for _ in range(count):
