@@ -54,11 +54,11 @@ notebooks: $(VENV)/.installed
 
 # Speed and memory, ratios measured in one run (see benchmarks/RESULTS.md).
 bench: $(VENV)/.installed
-	$(VENV)/bin/python -m llama3vision_min.bench --sizes tiny,medium,real
+	$(VENV)/bin/python benchmarks/bench.py --sizes tiny,medium,real
 
 # Retrain the miniature from scratch (all four stages, about 9 minutes on 2 cores) and ship it into the package.
 mini: $(VENV)/.installed
-	$(VENV)/bin/python -m llama3vision_min.shapes train --stage all --out shapes-run --ship
+	$(VENV)/bin/python -m llama3vision_min.miniature train --stage all --out miniature-run --ship
 
 clean:
 	rm -rf $(VENV) $(VENV_TF4) .pytest_cache .hypothesis

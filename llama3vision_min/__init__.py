@@ -1,15 +1,20 @@
 """llama3vision_min: a short, readable reimplementation of qresearch's llama-3-vision-alpha.
 
-Read the pipeline in this order:
+The model is the files of this folder, read in this order (each names the official code it mirrors):
 
 1. ``prompt.py``      -- the Llama 3 chat prompt with ``<image>`` in the user turn
 2. ``token_split.py`` -- ``tokenizer_image_token``: text -> ids with the -200 sentinel
 3. ``image.py``       -- picture -> pixel values -> SigLIP features (``hidden_states[-2]``)
 4. ``projector.py``   -- ``ProjectionModule``: Linear -> GELU -> Linear, 1152 -> 4096
 5. ``splice.py``      -- ``process_tensors``: token embeddings + image features + attention mask
-6. ``generation.py``  -- stop tokens, sampling defaults, multi-turn chat
-7. ``model.py``       -- ``LlamaVision``: forward, ``answer_question``
+6. ``generation.py``  -- stop tokens and sampling defaults; ``chat.py`` -- multi-turn chat
+7. ``model.py``       -- ``LlamaVision``: forward, ``answer_question``, loading
 8. ``loading.py``     -- both checkpoint forms, safely
+
+(``constants.py`` names -200, -100 and ``<|eot_id|>``.) The subfolders are the workshop around the model:
+``tools/`` (command line, LLaVA export, notebook helpers), ``training/`` (the real-scale stage-1
+trainer) and ``miniature/`` (the tiny random stand-ins and the miniature trained offline). The
+original algorithm, transcribed, is ``llama3vision_original.py`` next to this folder.
 """
 
 from .constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
@@ -23,11 +28,11 @@ from .token_split import tokenizer_image_token
 __version__ = "0.1.0"
 
 
-def load_mini():
-    """The shipped miniature ``(LlamaVision, tokenizer)`` (see ``llama3vision_min.shapes``); no network."""
-    from .shapes import load_mini as load
+def load_mini(path=None):
+    """The shipped miniature ``(LlamaVision, tokenizer)`` (see ``llama3vision_min.miniature``); no network."""
+    from .miniature import load_mini as load
 
-    return load()
+    return load() if path is None else load(path)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
-"""``python -m llama3vision_min`` -- see ``cli.py``."""
+"""``python -m llama3vision_min ask | export`` -- the command line lives in ``tools/cli.py``."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -1,12 +1,14 @@
-"""Constants shared by every step of the pipeline.
+"""The few numbers and strings every step of the pipeline shares, each named once.
 
-The original model marks "the picture goes here" with a sentinel token id of -200.
--200 is not a real vocabulary id: it never reaches the embedding layer, it is only a
-marker that the splice (``splice.py``) replaces with the projected image features.
+``-200`` and ``-100`` are LLaVA's conventions, which llama-3-vision-alpha kept
+(LLaVA's ``llava/constants.py``: https://github.com/haotian-liu/LLaVA/blob/main/llava/constants.py).
 """
 
 IMAGE_TOKEN_INDEX = -200
-"""Sentinel id that stands for the image inside ``input_ids``."""
+"""Sentinel id that stands for the picture inside ``input_ids``.
+
+Not a vocabulary id: it never reaches the embedding layer. The splice (``splice.py``)
+replaces it with the projected image features."""
 
 IMAGE_PLACEHOLDER = "<image>"
 """Text placeholder in the prompt that becomes ``IMAGE_TOKEN_INDEX`` after tokenization."""

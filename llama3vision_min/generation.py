@@ -1,4 +1,4 @@
-"""Step 6 of the pipeline: generation settings, and a multi-turn chat.
+"""Step 6 of the pipeline: the settings ``generate`` runs with.
 
 The original samples at temperature 0.2 and stops on ``<|eot_id|>``. Llama 3's own
 config names only ``<|end_of_text|>`` (or a list) as its end token, so unless
@@ -6,10 +6,15 @@ config names only ``<|end_of_text|>`` (or a list) as its end token, so unless
 The original did that by setting ``tokenizer.eos_token = "<|eot_id|>"`` -- which
 changes the caller's tokenizer. Here both ids are passed to ``generate`` instead and
 the tokenizer is left alone.
+
+Sources: ``answer_question`` in the official ``modeling_llamavision.py``
+(https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py) and the
+alpha form's script (https://huggingface.co/qresearch/llama-3-vision-alpha); transformers' ``generate``
+(https://huggingface.co/docs/transformers/main_classes/text_generation) runs the decoding loop.
+Multi-turn chat is the next step, ``chat.py``.
 """
 
 from .constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EOT_TOKEN
-from .prompt import build_chat_prompt
 
 
 def stop_token_ids(tokenizer):
@@ -43,29 +48,3 @@ def cut_at_stop(ids, stops):
         if token_id in stops:
             return ids[: i + 1]
     return ids
-
-
-class ChatSession:
-    """A conversation about one picture that keeps the picture in context on every turn.
-
-    The original chat script re-tokenised the history without the image after the first
-    turn, so follow-up questions were answered blind. Here every turn is answered from
-    the full prompt: the image in the first user turn, then all earlier questions and
-    answers. Create one with ``LlamaVision.chat(image, tokenizer)``.
-    """
-
-    def __init__(self, model, image, tokenizer, **generate_kwargs):
-        self.model = model
-        self.image = image
-        self.tokenizer = tokenizer
-        self.generate_kwargs = generate_kwargs
-        self.history = []  # [(question, answer), ...]
-
-    def ask(self, question, **generate_kwargs):
-        """Answer ``question`` about the picture, remembering the conversation so far; returns text."""
-        prompt = build_chat_prompt(self.history + [(question, None)])
-        ids = self.model.generate_from_prompts([prompt], [[self.image]], self.tokenizer,
-                                               **{**self.generate_kwargs, **generate_kwargs})[0]
-        answer = self.tokenizer.decode(ids, skip_special_tokens=True)
-        self.history.append((question, answer))
-        return answer

@@ -10,6 +10,15 @@
 SigLIP has no CLS token, so all 27 x 27 = 729 tokens are patches and all are kept.
 The second-to-last layer is used (as in LLaVA) because the last layer is shaped by the
 contrastive objective, while the one before it keeps more local detail.
+
+Sources:
+
+* the official ``answer_question`` in ``modeling_llamavision.py`` (processor call, ``hidden_states[-2]``):
+  https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py
+* SigLIP, the vision tower: Zhai et al., "Sigmoid Loss for Language Image Pre-Training", arXiv 2303.15343;
+  transformers' ``SiglipVisionModel`` in ``models/siglip/modeling_siglip.py``
+* the second-to-last layer: LLaVA's ``feature_select`` in ``llava/model/multimodal_encoder/clip_encoder.py``
+  (``mm_vision_select_layer = -2``), studied in LLaVA-1.5, arXiv 2310.03744
 """
 
 import PIL.Image

@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving, for both published forms, without ``trust_remote_code``.
+"""Step 8: checkpoint loading and saving, for both published forms, without ``trust_remote_code``.
 
 * The **alpha form** (``qresearch/llama-3-vision-alpha``): a Llama 3 LLM and a SigLIP
   model loaded as they are, plus ``mm_projector.bin``, the trained projector.
@@ -8,6 +8,13 @@
 
 Pickled ``.bin`` files are read with ``torch.load(..., weights_only=True)``: a file that
 tries to run code while loading is refused, and the code does not run.
+
+Sources: the alpha form's script (https://huggingface.co/qresearch/llama-3-vision-alpha), which reads
+``mm_projector.bin`` with plain ``torch.load`` and strips ``mm_projector.`` from its keys (transcribed in
+``load_alpha_projector_state``, ``llama3vision_original.py``); the ``-hf`` repository's files
+(https://huggingface.co/qresearch/llama-3-vision-alpha-hf/tree/main); LLaVA's projector keys come from
+its trainer (``llava/train/train.py``, ``get_mm_adapter_state_maybe_zero_3``). Sharding follows
+``huggingface_hub``'s ``split_torch_state_dict_into_shards``.
 """
 
 import json
@@ -18,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .constants import IMAGE_TOKEN_INDEX
 from .projector import ProjectionModule
 
 PROJECTOR_KEY = re.compile(r"^(?:model\.mm_projector\.|mm_projector\.model\.|mm_projector\.|model\.)([02])\.(weight|bias)$")
@@ -285,7 +293,7 @@ def save_hf_layout(model, path, max_shard_size="5GB"):
     config = {
         "model_type": "llamavision",
         "architectures": ["LlamaVision"],
-        "image_token_index": -200,
+        "image_token_index": IMAGE_TOKEN_INDEX,
         "text_config": with_legacy_rope(model.text_model.config.to_dict()),
         "vision_config": model.vision_model.config.to_dict(),
     }

@@ -1,4 +1,4 @@
-"""The model: a frozen SigLIP tower, a trained projector and a frozen Llama 3, wired together.
+"""Step 7 of the pipeline: the model, a frozen SigLIP tower, a trained projector and a frozen Llama 3 wired together.
 
     picture --SigLIP--> (n, 729, 1152) --projector--> (n, 729, 4096) --.
     prompt --tokenizer_image_token--> ids with -200 --embed + splice--> (batch, T, 4096) --Llama 3--> answer
@@ -6,15 +6,28 @@
 ``LlamaVision`` keeps the attribute and method names of the official remote model
 (``text_model``, ``vision_model``, ``mm_projector``, ``processor``,
 ``tokenizer_image_token``, ``process_tensors``, ``answer_question``) so code written
-for one runs on the other -- without ``trust_remote_code``.
+for one runs on the other -- without ``trust_remote_code``. The class reads top to bottom:
+the parts, the picture's path, the forward pass, generation; loading and saving come last
+(the code for them is ``loading.py``, step 8).
+
+Sources:
+
+* the official model class in ``modeling_llamavision.py``
+  (https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py)
+* LLaVA's ``LlavaMetaForCausalLM`` in ``llava/model/llava_arch.py`` (``encode_images``, the splice
+  before the LLM): https://github.com/haotian-liu/LLaVA/blob/main/llava/model/llava_arch.py
+* transformers' ``LlavaForConditionalGeneration`` in ``models/llava/modeling_llava.py``, which holds
+  the same model exactly (``tests/test_parity_llava.py``)
+* the papers: LLaVA, arXiv 2304.08485, and LLaVA-1.5, arXiv 2310.03744 (the recipe); SigLIP,
+  arXiv 2303.15343 (the tower); Llama 3, arXiv 2407.21783 (the LLM)
 """
 
 import torch
 from torch import nn
 
 from . import loading
-from .cached_chat import CachedChat
-from .generation import ChatSession, cut_at_stop, generation_kwargs
+from .chat import CachedChat, ChatSession
+from .generation import cut_at_stop, generation_kwargs
 from .image import make_processor, preprocess_images, vision_features
 from .prompt import build_prompt
 from .splice import process_tensors, splice_batch
@@ -35,26 +48,6 @@ class LlamaVision(nn.Module):
     tokenizer_image_token = staticmethod(tokenizer_image_token)
     process_tensors = staticmethod(process_tensors)
 
-    # -- loading and saving (the code lives in loading.py) ---------------------------------
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id, dtype=None, device=None):
-        """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id)."""
-        return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device)
-
-    @classmethod
-    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
-        """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
-
-        Swapping the LLM is changing ``llm``: the projector is reused as it is.
-        """
-        return loading.load_alpha_form(cls, llm, vision, projector, dtype=dtype, device=device,
-                                       load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
-
-    def save_pretrained(self, path):
-        """Write this model in the ``-hf`` layout that ``from_pretrained`` reads."""
-        loading.save_hf_layout(self, path)
-
-    # -- properties ------------------------------------------------------------------------
     @property
     def image_size(self):
         return self.vision_model.config.image_size
@@ -63,7 +56,7 @@ class LlamaVision(nn.Module):
     def device(self):
         return self.text_model.get_input_embeddings().weight.device
 
-    # -- image side ------------------------------------------------------------------------
+    # -- the picture's path: pixels -> SigLIP features -> projected vectors ----------------
     def preprocess(self, images):
         """PIL images -> pixel values (n_images, 3, image_size, image_size)."""
         return preprocess_images(images, self.processor, self.image_size)
@@ -77,7 +70,7 @@ class LlamaVision(nn.Module):
         """Pixel values -> projected image features (n_images, n_patches, text_hidden)."""
         return self.project(vision_features(self.vision_model, pixel_values))
 
-    # -- training / scoring ----------------------------------------------------------------
+    # -- the forward pass (training and scoring) -------------------------------------------
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
                 vision_features=None, padding_side="right", **kwargs):
         """Logits (and, with ``labels``, the loss) for prompts that contain ``-200`` sentinels.
@@ -100,7 +93,7 @@ class LlamaVision(nn.Module):
         return self.text_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids, labels=batch.labels, **kwargs)
 
-    # -- generation ------------------------------------------------------------------------
+    # -- generation --------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_from_prompts(self, prompts, images_per_prompt, tokenizer, **generate_kwargs):
         """Generate for a batch of prompts (each with its own images); returns one 1-D id tensor each.
@@ -147,3 +140,22 @@ class LlamaVision(nn.Module):
         if reuse_cache:
             return CachedChat(self, image, tokenizer, **generate_kwargs)
         return ChatSession(self, image, tokenizer, **generate_kwargs)
+
+    # -- loading and saving (the code lives in loading.py) ---------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, dtype=None, device=None):
+        """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id)."""
+        return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device)
+
+    @classmethod
+    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
+        """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
+
+        Swapping the LLM is changing ``llm``: the projector is reused as it is.
+        """
+        return loading.load_alpha_form(cls, llm, vision, projector, dtype=dtype, device=device,
+                                       load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+
+    def save_pretrained(self, path):
+        """Write this model in the ``-hf`` layout that ``from_pretrained`` reads."""
+        loading.save_hf_layout(self, path)

@@ -8,6 +8,13 @@ space (4096 wide for Llama-3-8B)::
 The layers live in an ``nn.Sequential`` called ``model`` so the state-dict keys are
 ``model.0.weight``, ``model.0.bias``, ``model.2.weight``, ``model.2.bias`` -- the same
 keys as the official checkpoints (index 1 is the GELU, which has no weights).
+
+Sources: ``ProjectionModule`` in the official ``modeling_llamavision.py``
+(https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py);
+LLaVA's ``mlp2x_gelu`` in ``llava/model/multimodal_projector/builder.py``
+(https://github.com/haotian-liu/LLaVA/blob/main/llava/model/multimodal_projector/builder.py), the two-layer
+MLP that LLaVA-1.5 introduced in place of one linear layer (arXiv 2310.03744); transformers'
+``LlavaMultiModalProjector`` in ``models/llava/modeling_llava.py`` is the same module.
 """
 
 from torch import nn

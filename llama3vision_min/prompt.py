@@ -1,4 +1,4 @@
-"""The Llama 3 chat prompt, with the image placed first in the user turn.
+"""Step 1 of the pipeline: the Llama 3 chat prompt, with the image placed first in the user turn.
 
 The original model was trained on prompts of exactly this shape::
 
@@ -7,23 +7,32 @@ The original model was trained on prompts of exactly this shape::
 
 (one line in reality). The ``<|begin_of_text|>`` token is *not* written here: the
 tokenizer's post-processor adds it when the first chunk is tokenized.
+
+Sources:
+
+* the official model builds this prompt inside ``answer_question`` in ``modeling_llamavision.py``
+  (https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py);
+* the Llama 3 chat format: https://www.llama.com/docs/model-cards-and-prompt-formats/meta-llama-3/
+  (the Llama 3 paper, arXiv 2407.21783).
 """
 
-from .constants import IMAGE_PLACEHOLDER
+from .constants import EOT_TOKEN, IMAGE_PLACEHOLDER
+
+USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
+"""What every user turn starts with."""
+
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+"""What the prompt ends with: the model continues from here."""
 
 
 def user_turn(text: str) -> str:
     """One user turn in the Llama 3 chat format."""
-    return f"<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+    return USER_HEADER + text + EOT_TOKEN
 
 
 def assistant_turn(text: str) -> str:
     """One finished assistant turn (used for chat history and for training targets)."""
-    return f"<|start_header_id|>assistant<|end_header_id|>\n\n{text}<|eot_id|>"
-
-
-ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-"""What the prompt ends with: the model continues from here."""
+    return ASSISTANT_HEADER + text + EOT_TOKEN
 
 
 def build_prompt(question: str) -> str:

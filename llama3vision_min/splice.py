@@ -11,6 +11,17 @@ own embedding layer, and the image's projected patch vectors are put in between:
 ``process_tensors`` is that splice exactly as the original does it (one prompt, one
 image). ``splice_batch`` is the generalisation the model uses: several images per
 prompt, several prompts per batch, padding, position ids and training labels.
+
+Sources:
+
+* ``process_tensors`` in the official ``modeling_llamavision.py``
+  (https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py);
+  transcribed literally in ``llama3vision_original.py`` at the top of this repository
+* LLaVA's ``prepare_inputs_labels_for_multimodal`` in ``llava/model/llava_arch.py``
+  (https://github.com/haotian-liu/LLaVA/blob/main/llava/model/llava_arch.py): the same splice for
+  batches, with labels and padding, which ``splice_batch`` follows
+* transformers' ``LlavaForConditionalGeneration`` (``models/llava/modeling_llava.py``) does it the other
+  way round: one real token id repeated once per patch, its rows overwritten (see ``tools/llava_export.py``)
 """
 
 from dataclasses import dataclass

@@ -14,6 +14,12 @@ there). The sentinel ``-200`` is put between chunks::
 Tokenizing the chunks apart (instead of the whole prompt) is what the original does,
 and it matters: a byte-level BPE may merge ``\\n\\n`` with the next word when they
 touch, so the two ways can give different ids.
+
+Sources: ``tokenizer_image_token`` in the official ``modeling_llamavision.py``
+(https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py), itself
+LLaVA's helper of the same name in ``llava/mm_utils.py``
+(https://github.com/haotian-liu/LLaVA/blob/main/llava/mm_utils.py). The literal transcription is
+``tokenizer_image_token`` in ``llama3vision_original.py`` at the top of this repository.
 """
 
 import torch

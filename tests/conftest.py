@@ -6,7 +6,7 @@ from PIL import Image
 
 from llama3vision_min import LlamaVision
 from llama3vision_min.loading import load_tokenizer
-from llama3vision_min.tiny import build_tiny
+from llama3vision_min.miniature.stand_ins import build_tiny
 
 torch.set_num_threads(2)
 

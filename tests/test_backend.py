@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama3vision_min import backend
+from llama3vision_min.tools import backend
 
 
 def test_variable_overrides_the_choice(monkeypatch):

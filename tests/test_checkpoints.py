@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from llama3vision_min import LlamaVision, ProjectionModule, build_prompt, tokenizer_image_token
 from llama3vision_min.loading import save_hf_layout
-from llama3vision_min.tiny import tiny_configs
+from llama3vision_min.miniature.stand_ins import make_configs
 
 from conftest import make_image
 
@@ -201,7 +201,7 @@ def test_tied_word_embeddings_round_trip(tiny, tmp_path):
     from transformers import LlamaForCausalLM
 
     model, tokenizer = tiny
-    _, text_config = tiny_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    _, text_config = make_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id)
     text_config.tie_word_embeddings = True
     torch.manual_seed(11)
@@ -394,7 +394,7 @@ def test_llm_swap_uses_the_other_llm_with_the_same_projector(tiny, saved, alpha,
 
     model, tokenizer = tiny
     _, siglip, projector = alpha
-    _, text_config = tiny_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    _, text_config = make_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id)
     text_config.num_hidden_layers = 3  # another LLM of the same width
     torch.manual_seed(7)

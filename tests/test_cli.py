@@ -130,7 +130,7 @@ def test_user_errors_print_one_line_and_exit_non_zero(runs, case, words):
 def test_user_errors_in_process(files, tiny_dir, capfd, case, words):
     """``main`` returns the exit status (``__main__`` passes it to ``sys.exit``); an escaping exception
     would be the traceback a user sees."""
-    from llama3vision_min.cli import main
+    from llama3vision_min.tools.cli import main
 
     returncode = main(_arguments(case, files, tiny_dir))
     captured = capfd.readouterr()
@@ -151,7 +151,7 @@ def test_export_writes_a_llava_folder_with_vllm_names(tiny_dir, tmp_path, capfd)
 
     from safetensors import safe_open
 
-    from llama3vision_min import cli
+    from llama3vision_min.tools import cli
 
     out = tmp_path / "llava"
     assert cli.main(["export", "--out", str(out), "--model", str(tiny_dir), "--vllm-names"]) == 0

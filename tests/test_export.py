@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from llama3vision_min import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
-from llama3vision_min.export import IMAGE_TOKEN, export_llava, n_patches
+from llama3vision_min.tools.llava_export import IMAGE_TOKEN, export_llava, n_patches
 from llama3vision_min.prompt import build_chat_prompt
 
 from conftest import make_image
@@ -91,7 +91,7 @@ def load_in_subprocess(jobs, out_file, python=sys.executable, cwd=None):
 def _models(tiny, small):
     models = {"tiny": tiny, "small": small}
     try:
-        from llama3vision_min.shapes import load_mini
+        from llama3vision_min.miniature import load_mini
 
         models["mini"] = load_mini()
     except (ImportError, ValueError, OSError):

@@ -31,7 +31,7 @@ import transformers
 
 from llama3vision_min import LlamaVision, ProjectionModule, build_prompt, process_tensors, tokenizer_image_token
 from llama3vision_min.generation import cut_at_stop, stop_token_ids
-from llama3vision_min.tiny import tiny_configs, tiny_tokenizer
+from llama3vision_min.miniature.stand_ins import make_configs, tiny_tokenizer
 
 from conftest import make_image
 
@@ -129,7 +129,7 @@ def _tiny_parts():
     from transformers import LlamaForCausalLM, SiglipVisionModel
 
     tokenizer = tiny_tokenizer()
-    vision_config, text_config = tiny_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    vision_config, text_config = make_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                               eos_token_id=tokenizer.eos_token_id)
     vision_config.image_size, vision_config.patch_size = 384, 14
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import transformers
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llama3vision_min import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
-from llama3vision_min.export import _child  # finds LLaVA's sub-modules on transformers 4.57 and 5.x
+from llama3vision_min.tools.llava_export import _child  # finds LLaVA's sub-modules on transformers 4.57 and 5.x
 from llama3vision_min.generation import stop_token_ids
 
 from conftest import make_image

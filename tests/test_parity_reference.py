@@ -1,4 +1,4 @@
-"""Parity: the package against ``tests/reference_original.py``, a transcription of the ORIGINAL algorithm.
+"""Parity: the package against ``llama3vision_original.py``, a transcription of the ORIGINAL algorithm.
 
 The reference shares no code with the package, so every equality here is between two
 independent implementations of the same steps: token split, splice, generation
@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import llama3vision_min
+import llama3vision_original as ref
 from llama3vision_min import (
     IMAGE_TOKEN_INDEX,
     build_prompt,
@@ -21,7 +22,6 @@ from llama3vision_min import (
     tokenizer_image_token,
 )
 
-import reference_original as ref  # tests/ is on sys.path (pytest's rootdir-relative import)
 from conftest import make_image
 
 MODES = ["RGB", "RGBA", "L", "P", "CMYK", "I;16"]
@@ -264,3 +264,21 @@ def test_projector_loader_matches_reference(tmp_path, dtype):
         expected = reference(x)  # float32 weights (loaded from the file's values)
         got = ours.float()(x)
     assert torch.equal(got, expected)
+
+
+def test_original_follow_up_is_the_text_history_without_the_picture(tiny, monkeypatch):
+    """The reference's follow-up turn feeds the Llama 3 chat rendering of the text history alone."""
+    model, tokenizer = tiny
+    seen = []
+    generate = model.text_model.generate
+    monkeypatch.setattr(model.text_model, "generate", lambda **kw: seen.append(kw) or generate(**kw))
+    history = [("what is this?", "a red circle.")]
+    ids = ref.follow_up_turn(model.text_model, tokenizer, history, "what colour?",
+                             do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    assert ids.shape == (4,)
+    (kwargs,) = seen
+    assert "inputs_embeds" not in kwargs and IMAGE_TOKEN_INDEX not in kwargs["input_ids"][0].tolist()
+    messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a red circle."},
+                {"role": "user", "content": "what colour?"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.decode(kwargs["input_ids"][0]) == rendered

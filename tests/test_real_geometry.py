@@ -6,28 +6,20 @@ weights are random, so only shapes, lengths, dtypes and finiteness are checked: 
 image tokens from ``hidden_states[-2]``, a (1, 729, 4096) projection, a splice of
 length L - 1 + 729 and one forward step over it.
 
-Built fast: parameters are created on the meta device (buffers such as the rotary
-frequencies and SigLIP's position ids stay real), then materialised in bfloat16 and
-filled by tiling one small random pool -- random init of ~1.9 B parameters would take
-longer than everything else together. About 4 GB of memory.
+Built fast by the stand-ins (``random_parts`` at a ``Geometry``): parameters are created on the
+meta device (buffers such as the rotary frequencies and SigLIP's position ids stay real), then
+materialised in bfloat16 and filled by tiling one small random pool -- random init of ~1.9 B
+parameters would take longer than everything else together. About 4 GB of memory.
 """
+
+import dataclasses
 
 import pytest
 import torch
-from accelerate import init_empty_weights
-from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from llama3vision_min import (
-    IMAGE_TOKEN_INDEX,
-    LlamaVision,
-    ProjectionModule,
-    build_prompt,
-    process_tensors,
-    tokenizer_image_token,
-)
-from llama3vision_min import bench
+from llama3vision_min import IMAGE_TOKEN_INDEX, LlamaVision, build_prompt, process_tensors, tokenizer_image_token
 from llama3vision_min.image import vision_features
-from llama3vision_min.tiny import tiny_tokenizer
+from llama3vision_min.miniature.stand_ins import SIZES, random_parts
 
 from conftest import make_image
 
@@ -36,34 +28,14 @@ pytestmark = pytest.mark.slow
 N_PATCHES = 729  # (384 // 14) ** 2, no CLS token
 VISION_HIDDEN, TEXT_HIDDEN, VOCAB = 1152, 4096, 128256
 DTYPE = torch.bfloat16
-
-
-def real_configs():
-    vision = SiglipVisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=4304, num_hidden_layers=27,
-                                num_attention_heads=16, patch_size=14, image_size=384)
-    text = LlamaConfig(hidden_size=TEXT_HIDDEN, intermediate_size=14336, vocab_size=VOCAB, num_hidden_layers=2,
-                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                       max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-5)
-    return vision, text
-
-
-def materialise(module, pool):
-    """Real bfloat16 storage for every meta parameter (the benchmark's fast fill), frozen, in eval mode."""
-    return bench.materialise(module, pool, DTYPE).requires_grad_(False).eval()
+REAL = dataclasses.replace(SIZES["real"], vision_layers=27)  # the whole so400m tower, Llama 3 cut to 2 layers
 
 
 @pytest.fixture(scope="module")
 def real():
-    vision_config, text_config = real_configs()
-    with init_empty_weights(include_buffers=False):
-        vision_model = SiglipVisionModel(vision_config)
-        text_model = LlamaForCausalLM(text_config)
-    pool = (torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)) * 0.02).to(DTYPE)  # prime length
-    vision_model, text_model = materialise(vision_model, pool), materialise(text_model, pool)
-    torch.manual_seed(0)
-    projector = ProjectionModule(VISION_HIDDEN, TEXT_HIDDEN).to(DTYPE).eval()
+    vision_model, text_model, projector, tokenizer = random_parts(REAL, seed=0, dtype=DTYPE)
     model = LlamaVision(vision_model=vision_model, text_model=text_model, mm_projector=projector)
-    return model, tiny_tokenizer()  # its ids are valid in a 128256-id vocabulary
+    return model.requires_grad_(False), tokenizer  # the tiny tokenizer's ids are valid in a 128256-id vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3vision_min import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
-from llama3vision_min.tiny import tiny_tokenizer
+from llama3vision_min.miniature.stand_ins import tiny_tokenizer
 
 SENTINEL = -200
 HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"

@@ -1,10 +1,17 @@
-"""Step 6, faster: a chat that keeps the KV cache of the picture and the conversation.
+"""Step 6, continued: a conversation about one picture, with the picture kept in context.
 
-``ChatSession`` (in ``generation.py``) answers every turn from the whole prompt, so the
-picture's 729 rows and all earlier turns go through the LLM again on each follow-up. That
-is the simplest correct thing. ``CachedChat`` gives the same answers but keeps the
-``DynamicCache`` that ``generate`` filled, so a follow-up only runs the tokens the cache has
-not seen. Get one with ``LlamaVision.chat(image, tokenizer, reuse_cache=True)``.
+The original chat script re-tokenised the history *without* the image after the first turn, so
+follow-up questions were answered blind (``follow_up_turn`` in ``llama3vision_original.py``). Both
+classes here keep the picture in the first user turn of every prompt and give the same answers:
+
+* ``ChatSession`` answers every turn from the whole prompt, so the picture's 729 rows and all earlier
+  turns go through the LLM again on each follow-up: the simplest correct thing;
+* ``CachedChat`` keeps the ``DynamicCache`` that ``generate`` filled, so a follow-up only runs the
+  tokens the cache has not seen.
+
+Get one with ``LlamaVision.chat(image, tokenizer)`` (``reuse_cache=True`` for the second). Sources: the
+alpha form's chat script (https://huggingface.co/qresearch/llama-3-vision-alpha); transformers' KV cache
+(https://huggingface.co/docs/transformers/kv_cache).
 """
 
 import contextlib
@@ -13,11 +20,35 @@ import warnings
 
 import torch
 
-from .constants import IMAGE_TOKEN_INDEX
-from .generation import ChatSession, cut_at_stop, generation_kwargs, stop_token_ids
-from .prompt import ASSISTANT_HEADER, build_prompt, user_turn
+from .constants import EOT_TOKEN, IMAGE_TOKEN_INDEX
+from .generation import cut_at_stop, generation_kwargs, stop_token_ids
+from .prompt import ASSISTANT_HEADER, build_chat_prompt, build_prompt, user_turn
 from .splice import splice_batch
 from .token_split import continuation_ids, tokenizer_image_token
+
+
+class ChatSession:
+    """A conversation about one picture that keeps the picture in context on every turn.
+
+    Every turn is answered from the full prompt: the image in the first user turn, then all
+    earlier questions and answers. Create one with ``LlamaVision.chat(image, tokenizer)``.
+    """
+
+    def __init__(self, model, image, tokenizer, **generate_kwargs):
+        self.model = model
+        self.image = image
+        self.tokenizer = tokenizer
+        self.generate_kwargs = generate_kwargs
+        self.history = []  # [(question, answer), ...]
+
+    def ask(self, question, **generate_kwargs):
+        """Answer ``question`` about the picture, remembering the conversation so far; returns text."""
+        prompt = build_chat_prompt(self.history + [(question, None)])
+        ids = self.model.generate_from_prompts([prompt], [[self.image]], self.tokenizer,
+                                               **{**self.generate_kwargs, **generate_kwargs})[0]
+        answer = self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.history.append((question, answer))
+        return answer
 
 
 @contextlib.contextmanager
@@ -49,7 +80,7 @@ class CachedChat(ChatSession):
         self.sequence = []  # ids in context (image rows as pad ids); the cache holds all but the last
         self.cache = None
         self.stops = stop_token_ids(tokenizer)
-        self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        self.eot_id = tokenizer.convert_tokens_to_ids(EOT_TOKEN)
 
     def fork(self):
         """A copy whose cache and history can grow without touching this one."""

@@ -6,11 +6,12 @@ import torch
 
 from llama3vision_min import IGNORE_INDEX, tokenizer_image_token
 from llama3vision_min.prompt import build_prompt
-from llama3vision_min.shapes import HELD_OUT_START, QUESTIONS, answer, evaluate, load_mini, sample, scene
-from llama3vision_min.shapes.text import PromptBuilder, make_tokenizer
-from llama3vision_min.shapes.train import (Recipe, cached_features, to_pixels, train_language, train_projector,
-                                           train_vision)
-from llama3vision_min.shapes.world import COLOURS, COUNTS, IMAGE_SIZE, RADIUS, render
+from llama3vision_min.miniature import (CHECKPOINT_DIR, HELD_OUT_START, QUESTIONS, answer, evaluate, load_mini, render,
+                                        sample, scene)
+from llama3vision_min.miniature.stages import (Recipe, cached_features, configs, to_pixels, train_language,
+                                               train_projector, train_vision)
+from llama3vision_min.miniature.text import PromptBuilder, make_tokenizer
+from llama3vision_min.miniature.world import COLOURS, COUNTS, IMAGE_SIZE, RADIUS
 
 torch.set_num_threads(2)
 
@@ -18,27 +19,24 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def mini():
     """The shipped miniature; tests that need it skip (with the reason) when it has not been shipped."""
-    from llama3vision_min.shapes import MINI_DIR
-
-    if not (MINI_DIR / "config.json").is_file():
-        pytest.skip(f"no shipped miniature in {MINI_DIR}: train one with "
-                    "`python -m llama3vision_min.shapes train --ship`")
+    if not (CHECKPOINT_DIR / "config.json").is_file():
+        pytest.skip(f"no shipped miniature in {CHECKPOINT_DIR}: train one with "
+                    "`python -m llama3vision_min.miniature train --ship`")
     return load_mini()
 
 
 @pytest.fixture(scope="module")
 def untrained():
-    """A LlamaVision of the miniature's architecture with random weights, and the shapes tokenizer."""
+    """A LlamaVision of the miniature's architecture with random weights, and its tokenizer."""
     from transformers import LlamaForCausalLM, SiglipVisionModel
 
     from llama3vision_min import LlamaVision
     from llama3vision_min.projector import ProjectionModule
-    from llama3vision_min.shapes.train import text_config, vision_config
-
     torch.manual_seed(0)
     recipe, tokenizer = Recipe(), make_tokenizer()
-    tower = SiglipVisionModel(vision_config(recipe)).eval()
-    llm = LlamaForCausalLM(text_config(recipe, tokenizer)).eval()
+    vision_config, text_config = configs(recipe, tokenizer)
+    tower = SiglipVisionModel(vision_config).eval()
+    llm = LlamaForCausalLM(text_config).eval()
     projector = ProjectionModule(recipe.vision_hidden, recipe.text_hidden)
     return LlamaVision(vision_model=tower, text_model=llm, mm_projector=projector).eval(), tokenizer
 
@@ -149,7 +147,7 @@ def test_descriptions_say_the_scene_and_mixed_number_hides_the_count_in_nouns():
     words are wrong; with ``mixed_number`` a noun's number no longer follows the count."""
     import random
 
-    from llama3vision_min.shapes.text import FILLERS, random_description
+    from llama3vision_min.miniature.text import FILLERS, random_description
 
     rng = random.Random(0)
     clean = random_description(rng, "red", "circle", 2, 64)
@@ -209,10 +207,8 @@ def test_shipped_miniature_meets_the_bar_its_model_card_reports(mini):
     deterministic; a tolerance of one answer per type allows for other attention kernels)."""
     import json
 
-    from llama3vision_min.shapes import MINI_DIR
-
     model, tokenizer = mini
-    reported = json.loads((MINI_DIR / "report.json").read_text())["C"]["accuracy"]
+    reported = json.loads((CHECKPOINT_DIR / "report.json").read_text())["C"]["accuracy"]
     result = evaluate(model, tokenizer, n=reported["n_pictures"], progress=False)
     assert reported["n_pictures"] >= 500 and result["all"] >= 0.98, result
     for question_type in QUESTIONS:
@@ -221,12 +217,11 @@ def test_shipped_miniature_meets_the_bar_its_model_card_reports(mini):
 
 def test_load_mini_is_an_ordinary_checkpoint(mini):
     from llama3vision_min import LlamaVision
-    from llama3vision_min.shapes import MINI_DIR
 
     model, tokenizer = mini
     assert isinstance(model, LlamaVision)
-    assert (MINI_DIR / "README.md").is_file() and (MINI_DIR / "tokenizer.json").is_file()
-    assert sum(f.stat().st_size for f in MINI_DIR.glob("*.safetensors")) < 20e6
+    assert (CHECKPOINT_DIR / "README.md").is_file() and (CHECKPOINT_DIR / "tokenizer.json").is_file()
+    assert sum(f.stat().st_size for f in CHECKPOINT_DIR.glob("*.safetensors")) < 20e6
     image, question, answer = sample(HELD_OUT_START)
     ids = model.answer_question(image, question, tokenizer, do_sample=False)
     assert tokenizer.decode(ids, skip_special_tokens=True).strip() == answer

@@ -1,12 +1,27 @@
-"""Independent transcription of the ORIGINAL llama-3-vision-alpha algorithm.
+"""The original llama-3-vision-alpha algorithm, transcribed: read this file first.
 
-This module is the "original" side of parity tests. It is written from the
-facts in ``shared/reference/llama3-vision-alpha.md`` (sections "The forward
-pass, step by step" and the ``-hf`` API) and deliberately does NOT import
-``llama3vision_min``: any shared bug would hide a parity failure.
+This is the whole model as its authors run it, in one file of plain functions: the prompt,
+the token split, the picture through SigLIP, the projector, the splice, generation, the chat
+script's follow-up turn and the projector checkpoint's keys. Every step takes the parts of the
+model as arguments, so it runs on the real towers and on tiny random ones alike.
 
-Everything here is a plain function (or a tiny module) taking the parts of the
-model as arguments, so it can be driven with tiny random models in tests.
+It is written from the published facts about the official code -- ``modeling_llamavision.py``
+of https://huggingface.co/qresearch/llama-3-vision-alpha-hf and the script of
+https://huggingface.co/qresearch/llama-3-vision-alpha, which reuse LLaVA's helpers
+(https://github.com/haotian-liu/LLaVA) -- and it deliberately imports nothing of
+``llama3vision_min``: a bug shared by both would hide a parity failure. It is the "original"
+side of the parity tests (``tests/test_parity_reference.py``), of the benchmark
+(``benchmarks/bench.py``) and of the notebooks' side-by-side cells.
+
+    step   here                          in llama3vision_min
+    1      build_prompt                  prompt.py
+    2      tokenizer_image_token         token_split.py
+    3      (inside answer_question)      image.py
+    4      ReferenceProjector            projector.py
+    5      process_tensors               splice.py
+    6      answer_question               generation.py, model.py
+    7      follow_up_turn                chat.py (which keeps the picture; this drops it)
+           load_alpha_projector_state    loading.py
 """
 
 from __future__ import annotations
@@ -152,3 +167,30 @@ def load_alpha_projector_state(path):
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {key.replace("mm_projector.", ""): value for key, value in state.items()}
+
+
+def follow_up_turn(text_model, tokenizer, history, question, **generate_kwargs):
+    """Step 7 (chat): the original chat script's follow-up turn.
+
+    The whole conversation so far (``history``: ``[(question, answer), ...]``) is written
+    out again as Llama 3 chat text *without* the ``<image>`` placeholder, tokenised in one
+    piece (the tokenizer adds BOS) and generated from: after the first turn the picture is
+    no longer seen. Returns the new token ids (1-D).
+    """
+    user = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+    assistant = "<|start_header_id|>assistant<|end_header_id|>\n\n{}<|eot_id|>"
+    text = "".join(user.format(q) + assistant.format(a) for q, a in history)
+    text += user.format(question) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    input_ids = tokenizer(text, return_tensors="pt").input_ids.to(text_model.device)  # (1, L), BOS added
+
+    kwargs = dict(
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")],
+        pad_token_id=tokenizer.eos_token_id,
+        do_sample=True,
+        temperature=0.2,
+    )
+    kwargs.update(generate_kwargs)
+    with torch.inference_mode():
+        out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    return out[0, input_ids.shape[1]:]

@@ -28,10 +28,10 @@ import random
 
 import torch
 
-from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from ..prompt import ASSISTANT_HEADER, build_prompt, user_turn
-from ..tiny import tiny_tokenizer
+from ..constants import EOT_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ..prompt import ASSISTANT_HEADER, USER_HEADER, build_prompt
 from ..token_split import continuation_ids, tokenizer_image_token
+from .stand_ins import tiny_tokenizer
 from .world import COLOURS, COUNTS, PLURALS, QUESTIONS, SHAPES, phrase
 
 FILLERS = ("the", ".", "of", ",", "and", "on")
@@ -93,7 +93,7 @@ class PromptBuilder:
     def __init__(self, tokenizer, n_patches):
         self.tokenizer = tokenizer
         self.n_patches = n_patches
-        self.prefix = tokenizer(user_turn("").split("<|eot_id|>")[0]).input_ids  # [BOS, sh, user, eh, \n\n]
+        self.prefix = tokenizer(USER_HEADER).input_ids  # [BOS, sh, user, eh, \n\n]
         self._cache = {}
 
     def _ids(self, text):
@@ -104,11 +104,11 @@ class PromptBuilder:
 
     def question_ids(self, question):
         """The question and the end of the prompt: ``question<|eot_id|>`` + the assistant header."""
-        return self._ids(question + "<|eot_id|>" + ASSISTANT_HEADER)
+        return self._ids(question + EOT_TOKEN + ASSISTANT_HEADER)
 
     def answer_ids(self, answer):
         """The answer and the ``<|eot_id|>`` that ends it (the model must learn to stop)."""
-        return self._ids(answer + "<|eot_id|>")
+        return self._ids(answer + EOT_TOKEN)
 
     def image_prompt(self, question):
         """Prompt ids with the -200 sentinel; equals ``tokenizer_image_token(build_prompt(question))``."""

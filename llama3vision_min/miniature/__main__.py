@@ -1,8 +1,8 @@
 """Command line of the miniature world.
 
-    python -m llama3vision_min.shapes train [--stage A|B|C|D|all] [--out DIR] [--quick] [--seed N] [--ship]
-    python -m llama3vision_min.shapes eval [--model DIR] [--n 500]
-    python -m llama3vision_min.shapes sample SEED [--save PICTURE.png]
+    python -m llama3vision_min.miniature train [--stage A|B|C|D|all] [--out DIR] [--quick] [--seed N] [--ship]
+    python -m llama3vision_min.miniature eval [--model DIR] [--n 500]
+    python -m llama3vision_min.miniature sample SEED [--save PICTURE.png]
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m llama3vision_min.shapes",
+    parser = argparse.ArgumentParser(prog="python -m llama3vision_min.miniature",
                                      description="Train, evaluate and sample the miniature llama-3-vision-alpha.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run training stages A (vision), B (LLM), C (projector), D (LLM swap)")
@@ -21,7 +21,8 @@ def _parser():
     train.add_argument("--out", default=None, help="working folder for stage outputs (default: a folder in the temp dir)")
     train.add_argument("--quick", action="store_true", help="the shortened CI recipe (a minute or two)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--ship", action="store_true", help="copy the trained miniature into llama3vision_min/mini")
+    train.add_argument("--ship", action="store_true",
+                       help="copy the trained miniature into the package (llama3vision_min/miniature/checkpoint)")
     train.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     train.add_argument("--no-progress", action="store_true")
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type on held-out pictures")
@@ -50,21 +51,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.command == "eval":
         from .evaluate import evaluate
-        from .pipeline import MINI_DIR, load_mini
+        from .run import CHECKPOINT_DIR, load_mini
 
-        model, tokenizer = load_mini(args.model or MINI_DIR)
+        model, tokenizer = load_mini(args.model or CHECKPOINT_DIR)
         result = evaluate(model, tokenizer, n=args.n)
         print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=2))
         return 0
 
-    from .pipeline import STAGES, train_all
-    from .train import Recipe
+    from .run import STAGES, train_all
+    from .stages import Recipe
 
     if args.ship and (args.quick or args.stage != "all"):
         print("error: --ship needs a full run (--stage all, without --quick)", file=sys.stderr)
         return 1
     recipe = Recipe.quick(seed=args.seed) if args.quick else Recipe(seed=args.seed)
-    out = Path(args.out or Path(tempfile.gettempdir()) / f"llama3vision_min-shapes{'-quick' if args.quick else ''}")
+    out = Path(args.out or Path(tempfile.gettempdir()) / f"llama3vision_min-miniature{'-quick' if args.quick else ''}")
     stages = STAGES if args.stage == "all" else (args.stage,)
     report = train_all(recipe, out, stages=stages, ship=args.ship, progress=not args.no_progress)
     summary = {stage: {k: v for k, v in report[stage].items() if k in ("stage_seconds", "loss_first", "loss_last",

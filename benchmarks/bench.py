@@ -1,12 +1,12 @@
-"""Side-by-side benchmark: ``python -m llama3vision_min.bench [--sizes tiny,medium,real] [--quick]``.
+"""Side-by-side benchmark: ``python benchmarks/bench.py [--sizes tiny,medium,real] [--quick]`` (``make bench``).
 
 Every figure is a *ratio measured in the same run*: the paths being compared run interleaved
 (A, B, C, A, B, C, ...) on identical weights, and the median of the repeats is kept, so a
 machine shared with other work shifts both sides alike. Rows per size:
 
 * forward (full logits) and greedy generation of N tokens: ours vs ``LlavaForConditionalGeneration``
-  (the same tensors, shared, via ``export.to_llava``) and vs the literal original
-  (``tests/reference_original.py``, imported by path; "n/a" when the tests are not there);
+  (the same tensors, shared, via ``llava_export.to_llava``) and vs the literal original
+  (``llama3vision_original.py``);
 * batched ``answer_questions`` on P pictures vs P sequential ``answer_question`` calls;
 * a follow-up chat turn that reuses the KV cache of the picture and the history (``CachedChat``)
   vs the original's way (re-encode the whole text history, without the picture) and vs
@@ -14,7 +14,7 @@ machine shared with other work shifts both sides alike. Rows per size:
 * projector training steps with cached vision features vs features recomputed every step;
 * the peak memory (resident set size above the start of the call) of each path.
 
-Sizes (random weights: speed only):
+Sizes (random weights from ``llama3vision_min.miniature.stand_ins.SIZES``: speed only):
 
     tiny    the tests' tiny stand-in (SigLIP 32 px / patch 8 / 2 x 32 wide; Llama 2 x 64 wide)
     medium  SigLIP 224 px / patch 14 (256 patches) / 4 x 384 wide; Llama 6 x 512 wide, GQA 8/4
@@ -29,26 +29,24 @@ import argparse
 import copy
 import ctypes
 import gc
-import importlib.util
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+import llama3vision_original as original
 import torch
-from torch import nn
 
-from .export import llava_processor, to_llava
-from .cached_chat import CachedChat
-from .generation import generation_kwargs, stop_token_ids
-from .image import vision_features
-from .model import LlamaVision
-from .projector import ProjectionModule
-from .prompt import assistant_turn, build_prompt
-from .tiny import tiny_parts, tiny_tokenizer
-from .token_split import tokenizer_image_token
+from llama3vision_min.chat import CachedChat
+from llama3vision_min.constants import IGNORE_INDEX
+from llama3vision_min.generation import stop_token_ids
+from llama3vision_min.image import vision_features
+from llama3vision_min.miniature.stand_ins import random_parts
+from llama3vision_min.model import LlamaVision
+from llama3vision_min.prompt import assistant_turn, build_prompt
+from llama3vision_min.token_split import tokenizer_image_token
+from llama3vision_min.tools.llava_export import llava_processor, to_llava
 
 QUESTION = "what is this?"
 FOLLOW_UP = "what colour is the shape?"
@@ -69,70 +67,10 @@ QUICK = dict(repeats=2, warmup=1, pictures=4, new_tokens=8, batch_new_tokens=8, 
 
 
 # -- building the models ---------------------------------------------------------------------
-def _configs(size, vocab_size, tokenizer):
-    from transformers import LlamaConfig, SiglipVisionConfig
-
-    if size == "medium":
-        vision = SiglipVisionConfig(image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536,
-                                    num_hidden_layers=4, num_attention_heads=6)
-        text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=2048)
-    else:  # real geometry, two layers each
-        vision = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
-                                    num_hidden_layers=2, num_attention_heads=16)
-        text = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
-    text = LlamaConfig(**text, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return vision, text
-
-
-def materialise(module, pool, dtype):
-    """Give every meta parameter real storage: norms 1, biases 0, other weights tiled from ``pool``.
-
-    Random init of ~1.9 B parameters would take longer than the benchmark; tiling is instant.
-    """
-    for module_name, sub in module.named_modules():
-        is_norm = "norm" in module_name.rsplit(".", 1)[-1].lower() or "norm" in type(sub).__name__.lower()
-        for name, param in list(sub._parameters.items()):
-            if param is None:
-                continue
-            tensor = torch.empty(param.shape, dtype=dtype)
-            if is_norm and name == "weight":
-                tensor.fill_(1.0)
-            elif name == "bias":
-                tensor.zero_()
-            else:
-                flat = tensor.view(-1)
-                for start in range(0, flat.numel(), pool.numel()):
-                    end = min(start + pool.numel(), flat.numel())
-                    flat[start:end].copy_(pool[: end - start])
-            sub._parameters[name] = nn.Parameter(tensor)
-    return module
-
-
 def build(size, seed=0):
     """``(LlamaVision, tokenizer)`` for one size, in eval mode, vision tower and LLM frozen."""
-    from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM, SiglipVisionModel
-
-    dtype = SETTINGS[size]["dtype"]
-    if size == "tiny":
-        vision_model, text_model, projector, tokenizer = tiny_parts("tiny", seed)
-    else:
-        tokenizer = tiny_tokenizer()
-        vision_config, text_config = _configs(size, len(tokenizer), tokenizer)
-        with init_empty_weights(include_buffers=False):  # rotary / position-id buffers stay real
-            vision_model = SiglipVisionModel(vision_config)
-            text_model = LlamaForCausalLM(text_config)
-        generator = torch.Generator().manual_seed(seed)
-        pool = (torch.randn(1_000_003, generator=generator) * 0.02).to(dtype)  # prime length: no short period
-        vision_model = materialise(vision_model, pool, dtype)
-        text_model = materialise(text_model, pool, dtype)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            projector = ProjectionModule(vision_config.hidden_size, text_config.hidden_size)
-    model = LlamaVision(vision_model.to(dtype), text_model.to(dtype), projector.to(dtype)).eval()
+    vision_model, text_model, projector, tokenizer = random_parts(size, seed, dtype=SETTINGS[size]["dtype"])
+    model = LlamaVision(vision_model, text_model, projector).eval()
     model.vision_model.requires_grad_(False)
     model.text_model.requires_grad_(False)
     return model, tokenizer
@@ -148,32 +86,6 @@ def pictures(n, seed=0):
         rgb = torch.randint(0, 256, (41 + i, 57 + 2 * i, 3), generator=generator, dtype=torch.uint8)
         out.append(Image.fromarray(rgb.numpy(), mode="RGB"))
     return out
-
-
-def load_reference():
-    """``tests/reference_original.py`` (the literal original) imported by path, or None outside a checkout."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "reference_original.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("reference_original", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ORIGINAL_USER = "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
-ORIGINAL_ASSISTANT = "<|start_header_id|>assistant<|end_header_id|>\n\n{text}<|eot_id|>"
-
-
-@torch.inference_mode()
-def original_follow_up(text_model, tokenizer, history, question, **generate_kwargs):
-    """The original chat script's follow-up turn: the whole text history, re-tokenized, no picture."""
-    text = "".join(ORIGINAL_USER.format(text=q) + ORIGINAL_ASSISTANT.format(text=a) for q, a in history)
-    text += ORIGINAL_USER.format(text=question) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    input_ids = tokenizer(text, return_tensors="pt").input_ids.to(text_model.device)  # (1, L), BOS added
-    kwargs = generation_kwargs(tokenizer, generate_kwargs)
-    out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-    return out[0, input_ids.shape[1]:]
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -280,7 +192,6 @@ def bench_size(size, quick=False, log=print):
     batch_new = settings.get("batch_new_tokens", n_new)
     log(f"[{size}] building ...")
     model, tokenizer = build(size)
-    reference = load_reference()
     llava = to_llava(model, tokenizer)  # shares every tensor with `model`: identical weights, no copy
     processor = llava_processor(model, tokenizer)
     images = pictures(max(n_pictures, settings["train_batch"] or 0))
@@ -309,18 +220,15 @@ def bench_size(size, quick=False, log=print):
         with torch.inference_mode():
             features = model.vision_model(pixel_values.to(model.vision_model.dtype),
                                           output_hidden_states=True).hidden_states[-2]
-            embeds, mask = reference.process_tensors(ids.unsqueeze(0), model.mm_projector(features),
+            embeds, mask = original.process_tensors(ids.unsqueeze(0), model.mm_projector(features),
                                                      model.text_model.get_input_embeddings())
             return model.text_model(inputs_embeds=embeds, attention_mask=mask).logits
 
-    paths = {"ours": ours_forward, "LLaVA": llava_forward}
-    if reference is not None:
-        paths["original"] = original_forward
+    paths = {"ours": ours_forward, "LLaVA": llava_forward, "original": original_forward}
     log(f"[{size}] forward ...")
     times, peaks = compare(paths, repeats, warmup)
     rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
-    if reference is not None:
-        rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "original", "time ours/other"))
+    rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "original", "time ours/other"))
 
     # greedy generation of n_new tokens, from picture and question (tokenization and pixels included)
     def ours_generate():
@@ -337,19 +245,16 @@ def bench_size(size, quick=False, log=print):
                                   eos_token_id=stops, pad_token_id=stops[0], **fixed)
 
     def original_generate():
-        return reference.answer_question(image, QUESTION, tokenizer, vision_model=model.vision_model,
+        return original.answer_question(image, QUESTION, tokenizer, vision_model=model.vision_model,
                                          text_model=model.text_model, mm_projector=model.mm_projector,
                                          processor=model.processor, image_size=model.image_size, **fixed)
 
-    paths = {"ours": ours_generate, "LLaVA": llava_generate}
-    if reference is not None:
-        paths["original"] = original_generate
+    paths = {"ours": ours_generate, "LLaVA": llava_generate, "original": original_generate}
     log(f"[{size}] generate ...")
     times, peaks = compare(paths, repeats, warmup)
     label = f"greedy generation, {n_new} tokens"
     rows.append(_row(size, label, times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
-    if reference is not None:
-        rows.append(_row(size, label, times, peaks, "ours", "original", "time ours/other"))
+    rows.append(_row(size, label, times, peaks, "ours", "original", "time ours/other"))
 
     # batched answer_questions vs sequential answer_question
     batch_images = images[:n_pictures]
@@ -379,7 +284,8 @@ def bench_size(size, quick=False, log=print):
                          ("chat follow-up, first token", dict(max_new_tokens=1, min_new_tokens=1))):
         paths = {
             "cached": (session.fork, lambda s: s.ask(FOLLOW_UP, **extra)),
-            "original": lambda: original_follow_up(model.text_model, tokenizer, history, FOLLOW_UP, **{**fixed, **extra}),
+            "original": lambda: original.follow_up_turn(model.text_model, tokenizer, history, FOLLOW_UP,
+                                                        **{**fixed, **extra}),
             "re-encode all": (full_session, lambda s: s.ask(FOLLOW_UP, **extra)),
         }
         times, peaks = compare(paths, repeats, warmup)
@@ -400,7 +306,7 @@ def train_row(size, model, tokenizer, images, repeats, warmup):
     row_ids = torch.cat([prompt, answer])  # (L + A,)
     input_ids = row_ids.expand(len(images), -1)  # (batch, L + A)
     labels = input_ids.clone()
-    labels[:, : len(prompt)] = -100  # loss on the answer only
+    labels[:, : len(prompt)] = IGNORE_INDEX  # loss on the answer only
     pixel_values = model.preprocess(images)  # (batch, 3, H, W)
     with torch.no_grad():
         cached = vision_features(model.vision_model, pixel_values)  # (batch, P, vision_hidden), computed once
@@ -453,7 +359,7 @@ def machine():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m llama3vision_min.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,medium,real", help="comma-separated: tiny, medium, real "
                                                                     "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer repeats, tokens and pictures")

@@ -9,27 +9,32 @@
     D  the LLM swap   a copy of B fine-tuned on another wording takes C's projector as it is;
                       a control LLM trained like B from another seed takes it too
 
-``train_all`` runs them in order and ships the result (``python -m llama3vision_min.shapes
+``run.train_all`` runs them in order and ships the result (``python -m llama3vision_min.miniature
 train``). All randomness comes from ``Recipe.seed``: the same seed gives the same weights.
+
+Sources: stage A is SigLIP's sigmoid loss (arXiv 2303.15343) through transformers' ``SiglipModel``;
+stage C is LLaVA's stage 1 (arXiv 2310.03744), the same code as ``llama3vision_min.training``.
 """
 
 import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..image import vision_features
 from ..model import LlamaVision
-from ..pretrain import freeze_all_but_projector
 from ..projector import ProjectionModule
+from ..training.stage1 import freeze_all_but_projector
+from .stand_ins import Geometry, make_configs
 from .text import REWORDED_QUESTIONS, PromptBuilder, make_tokenizer, random_description
-from .world import (COLOURS, COUNTS, IMAGE_SIZE, N_CLASSES, QUESTION_TYPES, QUESTIONS, SHAPES, answer, phrase,
-                    random_scene, render, scene)
+from .world import (COLOURS, COUNTS, IMAGE_SIZE, N_CLASSES, QUESTION_TYPES, QUESTIONS, SHAPES, Scene, answer,
+                    phrase, random_scene, render, scene)
 
 VALIDATION_START = 5_000_000
 """Seeds of the pictures used for probes and progress checks; training pictures lie below,
@@ -123,22 +128,15 @@ def _seeded(seed):
     return random.Random(seed)
 
 
-def vision_config(recipe):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=recipe.patch_size, hidden_size=recipe.vision_hidden,
-                              intermediate_size=4 * recipe.vision_hidden, num_hidden_layers=recipe.vision_layers,
-                              num_attention_heads=recipe.vision_heads)
-
-
-def text_config(recipe, tokenizer):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe.text_hidden,
-                       intermediate_size=recipe.text_intermediate, num_hidden_layers=recipe.text_layers,
-                       num_attention_heads=recipe.text_heads, num_key_value_heads=recipe.text_kv_heads,
-                       max_position_embeddings=256, rope_theta=500000.0, tie_word_embeddings=False,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+def configs(recipe, tokenizer):
+    """The miniature's ``(SiglipVisionConfig, LlamaConfig)``, made by the stand-ins' one config builder."""
+    geometry = Geometry(image_size=IMAGE_SIZE, patch_size=recipe.patch_size, vision_hidden=recipe.vision_hidden,
+                        vision_intermediate=4 * recipe.vision_hidden, vision_layers=recipe.vision_layers,
+                        vision_heads=recipe.vision_heads, text_hidden=recipe.text_hidden,
+                        text_intermediate=recipe.text_intermediate, text_layers=recipe.text_layers,
+                        text_heads=recipe.text_heads, text_kv_heads=recipe.text_kv_heads, max_positions=256)
+    return make_configs(geometry, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
 
 
 # -- stage A: the vision tower -------------------------------------------------------------------
@@ -198,7 +196,7 @@ def train_vision(recipe=Recipe(), tokenizer=None, progress=True, probe=True):
                 num_attention_heads=4, max_position_embeddings=3, projection_size=recipe.vision_hidden,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.eos_token_id)
-    config = SiglipConfig(text_config=text, vision_config=vision_config(recipe).to_dict())
+    config = SiglipConfig(text_config=text, vision_config=configs(recipe, tokenizer)[0].to_dict())
     model = SiglipModel(config)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10.0))
@@ -286,28 +284,17 @@ def _reading_batch(builder, rng, batch, question_type, reworded=False, questions
     contexts, answers = [], []
     for _ in range(batch):
         content = random_scene_content(rng)
-        words = random_description(rng, *content, builder.n_patches, reworded=reworded, **description)
+        words = random_description(rng, content.colour, content.shape, content.count, builder.n_patches,
+                                   reworded=reworded, **description)
         contexts.append(builder.description_ids(words))
-        answers.append(_answer(content, question_type))
+        answers.append(answer(content, question_type))
     questions = questions or (REWORDED_QUESTIONS if reworded else QUESTIONS)
     return builder.batch(contexts, [questions[question_type]] * batch, answers)
 
 
 def random_scene_content(rng):
-    """(colour, shape, count) drawn uniformly."""
-    return rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3)
-
-
-def _answer(content, question_type):
-    colour, shape, count = content
-    return answer(_Content(colour, shape, count), question_type)
-
-
-@dataclass
-class _Content:
-    colour: str
-    shape: str
-    count: int
+    """A scene's content -- colour, shape and count drawn uniformly -- with nothing drawn (stage B reads text)."""
+    return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3), background=None, objects=())
 
 
 def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=False, question_weights=(1, 1, 1, 1),
@@ -359,7 +346,7 @@ def _forced_exact(logits, labels):
     """Share of rows whose answer tokens (labels != -100) are all the argmax of the previous position."""
     predicted = logits[:, :-1].argmax(-1)  # (batch, T - 1): the guess for position t + 1
     target = labels[:, 1:]
-    answer_positions = target != -100
+    answer_positions = target != IGNORE_INDEX
     right = (predicted == target) | ~answer_positions
     return float(right.all(-1).float().mean())
 
@@ -373,7 +360,7 @@ def train_language(recipe=Recipe(), tokenizer=None, progress=True, seed=None):
     builder = PromptBuilder(tokenizer, recipe.n_patches)
     builder.check()
     rng = _seeded(seed + 1)
-    llm = LlamaForCausalLM(text_config(recipe, tokenizer))
+    llm = LlamaForCausalLM(configs(recipe, tokenizer)[1])
     start = time.perf_counter()
     losses = _train_lm(llm, builder, rng, recipe.b_steps, recipe.b_batch, recipe.b_lr,
                        f"B language (seed {seed})", progress, question_weights=recipe.b_question_weights,
@@ -387,7 +374,7 @@ def train_language(recipe=Recipe(), tokenizer=None, progress=True, seed=None):
 # -- stage C: the projector ----------------------------------------------------------------------
 def _picture_batch(builder, scenes, indices, question_type, questions=QUESTIONS):
     answers = [answer(scenes[i], question_type) for i in indices]
-    return builder.batch([[-200]] * len(indices), [questions[question_type]] * len(indices), answers)
+    return builder.batch([[IMAGE_TOKEN_INDEX]] * len(indices), [questions[question_type]] * len(indices), answers)
 
 
 @torch.no_grad()
@@ -399,7 +386,7 @@ def projector_accuracy(model, builder, feats, scenes, questions=QUESTIONS):
         input_ids, labels = _picture_batch(builder, scenes, indices, question_type, questions)
         logits = model(input_ids, vision_features=feats, labels=None).logits
         n_image_rows = feats.shape[1] - 1  # the sentinel became n_patches rows
-        spliced_labels = torch.cat([torch.full((len(indices), n_image_rows), -100), labels], dim=1)
+        spliced_labels = torch.cat([torch.full((len(indices), n_image_rows), IGNORE_INDEX), labels], dim=1)
         result[question_type] = _forced_exact(logits, spliced_labels)
     return result
 
@@ -428,7 +415,7 @@ def train_projector(tower, llm, tokenizer, recipe=Recipe(), progress=True, time_
                     validate=True):
     """Stage C: freeze ``tower`` and ``llm``, train only a new projector; ``(LlamaVision, report)``.
 
-    The LLaVA stage-1 recipe of ``llama3vision_min.pretrain`` at toy size: the same freezing
+    The LLaVA stage-1 recipe of ``llama3vision_min.training`` at toy size: the same freezing
     (``freeze_all_but_projector``), schedule and answer-only labels. The frozen tower's
     features of the training pictures are computed once and reused (they cannot change);
     ``forward(vision_features=..., labels=...)`` splices them in. ``on_step(step, losses)``
@@ -503,8 +490,4 @@ def finetune_language(llm, tokenizer, recipe=Recipe(), progress=True):
 def swap_llm(model, llm):
     """The same tower and projector with another LLM (nothing retrained)."""
     return LlamaVision(vision_model=model.vision_model, text_model=llm, mm_projector=model.mm_projector).eval()
-
-
-def recipe_dict(recipe):
-    return asdict(recipe)
 

@@ -24,10 +24,10 @@ class Backend:
 
 
 def mini_available():
-    """True when the trained miniature is shipped inside the package (llama3vision_min/mini/)."""
-    from pathlib import Path
+    """True when the trained miniature is shipped inside the package (llama3vision_min/miniature/checkpoint/)."""
+    from ..miniature import CHECKPOINT_DIR
 
-    return (Path(__file__).resolve().parent / "mini" / "config.json").is_file()
+    return (CHECKPOINT_DIR / "config.json").is_file()
 
 
 def hub_answers(timeout=5.0):
@@ -67,18 +67,18 @@ def load_backend(choice=None):
         import torch
         from transformers import AutoTokenizer
 
-        from .model import LlamaVision
+        from ..model import LlamaVision
 
         model = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float16,
                                        device="cuda", load_in_4bit=True)
         tokenizer = AutoTokenizer.from_pretrained(REAL_LLM)
         return Backend(name, model, tokenizer, "Llama-3-8B-Instruct (4-bit) + SigLIP so400m + the official projector")
     if name == "mini":
-        from .shapes import load_mini
+        from ..miniature import load_mini
 
         model, tokenizer = load_mini()
         return Backend(name, model, tokenizer, "the shipped miniature (trained offline on coloured shapes)")
-    from .tiny import load_tiny
+    from ..miniature.stand_ins import load_tiny
 
     model, tokenizer = load_tiny()
     return Backend(name, model, tokenizer, "the tiny random stand-in (answers noise)")

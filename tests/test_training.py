@@ -1,4 +1,4 @@
-"""The real-scale stage-1 recipe (``llama3vision_min.pretrain``) run on the tiny stand-ins.
+"""The real-scale stage-1 recipe (``llama3vision_min.training``) run on the tiny stand-ins.
 
 The real run needs a GPU and the Hub; here the same data reading, collation, masking,
 gradient accumulation and optimizer steps run on a LLaVA-Pretrain-shaped folder of
@@ -13,7 +13,8 @@ import torch
 from llama3vision_min import LlamaVision
 from llama3vision_min.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llama3vision_min.loading import load_projector, load_tokenizer
-from llama3vision_min.pretrain import Collator, LlavaPretrain, caption_example, main, train_stage1
+from llama3vision_min.training.data import Collator, LlavaPretrain, caption_example
+from llama3vision_min.training.stage1 import main, train_stage1
 
 from conftest import make_image
 

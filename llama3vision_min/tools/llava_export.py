@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 
-from .constants import EOT_TOKEN
-from .generation import stop_token_ids
-from .image import make_processor
-from .loading import save_state_dict, with_legacy_rope
+from ..constants import DEFAULT_TEMPERATURE, EOT_TOKEN
+from ..generation import stop_token_ids
+from ..image import make_processor
+from ..loading import save_state_dict, with_legacy_rope
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it too)."""
@@ -227,7 +227,7 @@ def _generation_config(tokenizer):
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
         do_sample=True,
-        temperature=0.2,
+        temperature=DEFAULT_TEMPERATURE,
     )
 
 

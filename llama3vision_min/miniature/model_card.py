@@ -1,140 +1,37 @@
-"""Run the stages in order, keep each stage's output on disk, ship the miniature and its model card.
+"""The miniature's model card: ``README.md`` beside its weights, written from the training report.
 
-    OUT/tokenizer/   the shapes-world tokenizer
-    OUT/A/           stage A's vision tower (SiglipVisionModel)
-    OUT/B/           stage B's language model (LlamaForCausalLM)
-    OUT/mini/        stage C's LlamaVision in the -hf layout + tokenizer + README.md (the miniature's
-                     model card) + report.json (a copy of the report below)
-    OUT/report.json  timings, losses, probes and accuracies of every stage run so far
-
-``--ship`` copies OUT/mini into the package (``llama3vision_min/mini``), where ``load_mini`` finds it.
+Everything measured comes from ``report.json`` (the numbers of the run that made the weights);
+``WHAT_IT_TOOK`` is the history of the recipe, measured while it was developed.
 """
 
-import json
-import shutil
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from ..loading import load_tokenizer
-from ..model import LlamaVision
-from .evaluate import evaluate
-from .text import REWORDED_QUESTIONS, make_tokenizer
-from .train import Recipe, finetune_language, swap_llm, train_language, train_projector, train_vision
 from .world import HELD_OUT_START, QUESTION_TYPES, RADIUS
 
-MINI_DIR = Path(__file__).resolve().parents[1] / "mini"
-"""Where the shipped miniature lives inside the package."""
+WHAT_IT_TOOK = """
+## What it took
 
-STAGES = ("A", "B", "C", "D")
+Found by measuring where the errors were, not by training longer (each change below was one full run
+of the stages, evaluated on the same held-out pictures):
 
-
-def load_mini(path=MINI_DIR):
-    """The shipped miniature: ``(LlamaVision, tokenizer)``, float32, on the CPU, no network."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"no miniature in {path}; train one with `python -m llama3vision_min.shapes train --ship`")
-    return LlamaVision.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
-
-
-def _report(out):
-    file = Path(out) / "report.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
-
-
-def _save_report(out, report):
-    (Path(out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _load_tower(out):
-    from transformers import SiglipVisionModel
-
-    return SiglipVisionModel.from_pretrained(Path(out) / "A").eval().requires_grad_(False)
-
-
-def _load_llm(out):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(Path(out) / "B").eval().requires_grad_(False)
-
-
-def _tokenizer(out):
-    folder = Path(out) / "tokenizer"
-    if (folder / "tokenizer.json").is_file():
-        return load_tokenizer(folder)
-    tokenizer = make_tokenizer()
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def _size_mb(folder):
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 1e6
-
-
-def run_stage(stage, recipe, out, progress=True):
-    """Run one stage, reading what it needs from ``out`` and writing its result there."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = _report(out)
-    report["recipe"] = asdict(recipe)
-    tokenizer = _tokenizer(out)
-    begin = time.perf_counter()
-    if stage == "A":
-        tower, result = train_vision(recipe, tokenizer, progress)
-        tower.save_pretrained(out / "A")
-    elif stage == "B":
-        llm, result = train_language(recipe, tokenizer, progress)
-        llm.save_pretrained(out / "B")
-    elif stage == "C":
-        model, result = train_projector(_load_tower(out), _load_llm(out), tokenizer, recipe, progress)
-        model.save_pretrained(out / "mini")
-        tokenizer.save_pretrained(out / "mini")
-        result["checkpoint_mb"] = _size_mb(out / "mini")
-        # Measure the miniature as it is on disk (a round trip through another dtype in memory
-        # would change its logits), on pictures from seeds that training never used.
-        shipped, shipped_tokenizer = load_mini(out / "mini")
-        result["accuracy"] = evaluate(shipped, shipped_tokenizer, n=recipe.eval_pictures, progress=progress)
-    elif stage == "D":
-        model, _ = load_mini(out / "mini")
-        llm = _load_llm(out)
-        tuned, result = finetune_language(llm, tokenizer, recipe, progress)
-        n = recipe.swap_eval_pictures
-        start = HELD_OUT_START + 100_000  # held out, and apart from stage C's evaluation pictures
-        result["original"] = evaluate(model, tokenizer, n=n, start=start, progress=progress)
-        swapped = swap_llm(model, tuned)
-        result["swapped"] = evaluate(swapped, tokenizer, n=n, start=start, progress=progress)
-        result["swapped_new_wording"] = evaluate(swapped, tokenizer, n=n, start=start, progress=progress,
-                                                 questions=REWORDED_QUESTIONS)
-        control, control_report = train_language(recipe, tokenizer, progress, seed=recipe.seed + recipe.control_seed_offset)
-        result["control_llm"] = control_report
-        result["control"] = evaluate(swap_llm(model, control), tokenizer, n=n, start=start, progress=progress)
-    else:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    result["stage_seconds"] = time.perf_counter() - begin
-    report[stage] = result
-    _save_report(out, report)
-    if (out / "mini" / "config.json").is_file():
-        write_model_card(out / "mini", report)
-    return result
-
-
-def train_all(recipe=Recipe(), out="shapes-run", stages=STAGES, ship=False, progress=True):
-    """Run ``stages`` in order; with ``ship``, copy the miniature into the package. Returns the report."""
-    begin = time.perf_counter()
-    for stage in stages:
-        run_stage(stage, recipe, out, progress)
-    report = _report(out)
-    report["total_seconds"] = time.perf_counter() - begin
-    _save_report(out, report)
-    if (Path(out) / "mini" / "config.json").is_file():
-        write_model_card(Path(out) / "mini", report)
-    if ship:
-        MINI_DIR.mkdir(exist_ok=True)
-        for file in (Path(out) / "mini").iterdir():
-            shutil.copy2(file, MINI_DIR / file.name)
-    return report
+* **Light backgrounds and objects of one size.** On dark backgrounds the dark colours (blue, purple)
+  nearly vanish, and with a lone object larger than one of a group, one big object and two small ones
+  looked alike: the tiny tower barely learned shape and count.
+* **Stage A batches that hold each of the 75 captions once**, so no pair in a batch is a false
+  negative, with `logit_scale` / `logit_bias` started at log 10 / -5 (the SigLIP paper's -10 suits
+  batches of thousands and left these negatives without gradient).
+* **Stage B reading noisy descriptions** (up to half the content words swapped for wrong ones), so the
+  LLM learns to go by what most of its context says -- as it must with picture tokens, each of which
+  shows the scene only in part. In validation runs this lifted counting from 73 % to 93 %.
+* **From 97.3 % to 99.0 %**: object radii of 10-12 px instead of 9-14 (the tower had counted partly by
+  coloured area and read three small objects as two: count 97 % -> 98.6 %); thinner arms on the cross
+  (taken for a square: shape 98.6 % -> 100 %); nouns of random number in stage B's descriptions, so the
+  LLM makes its noun agree with the count word it wrote instead of copying it ("a red circles"). More
+  stage-A steps, a deeper LLM or a higher stage-C learning rate each stayed within 97.0-97.8 %.
+* **Stage D keeps half its batches in the old wording.** Without them the fine-tune forgot "what is
+  this?" entirely: it answered with the shape, as for its new "what kind of shape is this?".
+"""
+"""The recipe's history (from the closing notes of the issue that built the miniature)."""
 
 
 def _pct(value):
@@ -153,13 +50,13 @@ def write_model_card(folder, report):
         "# The miniature llama-3-vision-alpha",
         "",
         "A complete llama-3-vision-alpha trained from scratch on CPU in minutes, for a world of coloured shapes",
-        "(`llama3vision_min.shapes`): a tiny SigLIP-architecture vision tower (frozen), a tiny Llama-architecture",
+        "(`llama3vision_min.miniature`): a tiny SigLIP-architecture vision tower (frozen), a tiny Llama-architecture",
         "LLM (frozen) and a `ProjectionModule` between them -- the only part trained on pictures, with the",
         "LLaVA stage-1 recipe. Same `-hf` layout as `qresearch/llama-3-vision-alpha-hf`; load it with",
         "`llama3vision_min.load_mini()` or `LlamaVision.from_pretrained(this_folder)`.",
         "",
         "```python",
-        "from llama3vision_min.shapes import load_mini, sample",
+        "from llama3vision_min.miniature import load_mini, sample",
         "model, tokenizer = load_mini()",
         "image, question, answer = sample(10_000_000)",
         "ids = model.answer_question(image, question, tokenizer, do_sample=False)",
@@ -244,6 +141,12 @@ def write_model_card(folder, report):
                   "", "The projector maps pictures into the embedding space that one LLM reads. A fine-tune "
                   "keeps most of that space, so the projector still works; an independently trained LLM has its own "
                   "embedding space, where the projected pictures mean nothing."]
+    lines += ["", WHAT_IT_TOOK.strip()]
+    if "C" in report:
+        lines += ["", "## The first errors", "",
+                  f"The first {len(report['C']['accuracy']['errors'])} wrong answers on the evaluation pictures "
+                  "(seed, question, expected -> answered):", ""]
+        lines += [f"* {seed}: {question} `{expected}` -> `{got}`"
+                  for seed, question, expected, got in report["C"]["accuracy"]["errors"]]
     lines.append("")
     (Path(folder) / "README.md").write_text("\n".join(lines))
-    _save_report(folder, report)  # the numbers behind the card, for notebooks and tests

@@ -1,4 +1,4 @@
-"""Command line: ``python -m llama3vision_min ask --image PATH "QUESTION"``.
+"""Command line: ``python -m llama3vision_min ask --image PATH "QUESTION"`` and ``... export --out DIR``.
 
 Errors the user can fix (a missing picture, a file that is not an image, a model path
 that does not load) print one line on stderr and exit with status 1 -- no traceback.
@@ -30,7 +30,7 @@ def _parser():
     ask.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    export = commands.add_parser("export", help="write a transformers-native LLaVA folder (see export.py)")
+    export = commands.add_parser("export", help="write a transformers-native LLaVA folder (see tools/llava_export.py)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--model", default=DEFAULT_MODEL, help="as for ask (default: %(default)s)")
     export.add_argument("--vllm-names", action="store_true",
@@ -53,15 +53,14 @@ def _open_image(path):
 
 
 def _load_model(name):
-    from .loading import load_tokenizer
-    from .model import LlamaVision
-    from .tiny import load_tiny
+    from ..loading import load_tokenizer
+    from ..miniature import load_mini
+    from ..miniature.stand_ins import load_tiny
+    from ..model import LlamaVision
 
     if name == "tiny":
         return load_tiny()
     if name == "mini":
-        from .shapes import load_mini
-
         try:
             return load_mini()
         except ValueError as error:
@@ -92,7 +91,7 @@ def ask(args):
 
 
 def export(args):
-    from .export import export_llava
+    from .llava_export import export_llava
 
     model, tokenizer = _load_model(args.model)
     out = Path(args.out)

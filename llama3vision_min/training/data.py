@@ -1,0 +1,108 @@
+"""LLaVA-Pretrain as training examples: the picture, the prompt with its -200, answer-only labels.
+
+The data is LLaVA-Pretrain (558k LAION/CC/SBU pictures with BLIP captions): a JSON list of
+``{"image": "00453/004539375.jpg", "conversations": [{"from": "human", "value": "<image>\\nRender a
+clear and concise summary of the photo."}, {"from": "gpt", "value": "a caption"}]}`` and a folder
+of pictures (https://huggingface.co/datasets/liuhaotian/LLaVA-Pretrain).
+
+Sources: LLaVA's ``LazySupervisedDataset``, ``preprocess_plain`` and ``DataCollatorForSupervisedDataset``
+in ``llava/train/train.py`` (https://github.com/haotian-liu/LLaVA/blob/main/llava/train/train.py). Unlike
+LLaVA's stage 1, which trains on the bare caption after the picture, the prompt here is the model's own
+chat prompt (``build_prompt``), the format the projector is used with.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..constants import EOT_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER
+from ..prompt import build_prompt
+from ..token_split import continuation_ids, tokenizer_image_token
+
+
+def caption_example(conversation):
+    """A LLaVA-Pretrain conversation -> ``(question, answer)``.
+
+    The human turn holds the ``<image>`` placeholder and an instruction; our prompt format
+    always puts the picture first (``build_prompt``), so the placeholder is removed here.
+    """
+    if len(conversation) != 2 or conversation[0].get("from") != "human" or conversation[1].get("from") != "gpt":
+        raise ValueError(f"expected a human turn then a gpt turn, got {[turn.get('from') for turn in conversation]}")
+    question = conversation[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+    return question, conversation[1]["value"].strip()
+
+
+class LlavaPretrain(torch.utils.data.Dataset):
+    """LLaVA-Pretrain's JSON and picture folder as a dataset of ``{"image", "question", "answer"}``."""
+
+    def __init__(self, json_path, image_folder, limit=None):
+        self.image_folder = Path(image_folder)
+        entries = json.loads(Path(json_path).read_text())
+        if not isinstance(entries, list):
+            raise ValueError(f"expected a JSON list of examples in {json_path}, got {type(entries).__name__}")
+        self.entries = entries[:limit] if limit else entries
+        for entry in self.entries[:1]:  # fail on a wrong file before any training starts
+            self._load(entry)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def _load(self, entry):
+        if "image" not in entry or "conversations" not in entry:
+            raise ValueError(f"expected 'image' and 'conversations' in every example, got keys {sorted(entry)}")
+        question, answer = caption_example(entry["conversations"])
+        path = self.image_folder / entry["image"]
+        if not path.is_file():
+            raise ValueError(f"picture {entry['image']!r} not found in {self.image_folder}")
+        return {"image": Image.open(path).convert("RGB"), "question": question, "answer": answer}
+
+    def __getitem__(self, index):
+        return self._load(self.entries[index])
+
+
+def example_ids(question, answer, tokenizer):
+    """``(input_ids, labels)``, 1-D: the prompt with its ``-200`` sentinel, then the answer and ``<|eot_id|>``.
+
+    Labels are ``IGNORE_INDEX`` on the prompt, so the loss is on the answer (and the end of
+    turn, so the model learns to stop). The answer is tokenized apart from the prompt, the
+    way generation sees it: the prompt ends with the assistant header, the answer follows.
+    """
+    prompt = tokenizer_image_token(build_prompt(question), tokenizer)  # (L_prompt,) with one -200
+    answer_ids = torch.tensor(continuation_ids(answer + EOT_TOKEN, tokenizer))  # (L_answer,)
+    input_ids = torch.cat([prompt, answer_ids])
+    labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer_ids])
+    return input_ids, labels
+
+
+class Collator:
+    """Examples -> one right-padded training batch for ``LlamaVision.forward``.
+
+    Returns ``input_ids`` (batch, L) padded with the pad id, ``attention_mask`` (batch, L)
+    with 0 on padding, ``labels`` (batch, L) with ``IGNORE_INDEX`` on prompt and padding,
+    and ``pixel_values`` (batch, 3, H, W) from the model's image processor.
+    """
+
+    def __init__(self, tokenizer, preprocess, max_length=None):
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess  # PIL images -> pixel values, e.g. LlamaVision.preprocess
+        self.max_length = max_length  # text tokens per example (the picture adds its patches)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+
+    def __call__(self, examples):
+        rows = [example_ids(e["question"], e["answer"], self.tokenizer) for e in examples]
+        if self.max_length:
+            rows = [(ids[: self.max_length], labels[: self.max_length]) for ids, labels in rows]
+        longest = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for b, (ids, row_labels) in enumerate(rows):
+            input_ids[b, : len(ids)] = ids
+            labels[b, : len(ids)] = row_labels
+            attention_mask[b, : len(ids)] = 1
+        pixel_values = self.preprocess([e["image"] for e in examples])  # (batch, 3, H, W)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pixel_values": pixel_values}
