@@ -77,6 +77,14 @@ def test_at_most_a_quarter_of_code_cells_are_exempt_from_comparison(notebook):
     assert len(exempt) * 4 <= len(cells), f"{path.name}: {len(exempt)} of {len(cells)} code cells exempt"
 
 
+def test_code_cells_stay_short_so_each_shows_one_idea(notebook):
+    """No code cell over 25 lines, the setup and backend cells aside; drawing goes to tools/plots.py."""
+    path, nb = notebook
+    long = [(i, len(cell.source.strip().splitlines())) for i, cell in enumerate(code_cells(nb))
+            if i >= 2 and len(cell.source.strip().splitlines()) > 25]
+    assert not long, f"{path.name}: code cells (index, lines) over 25 lines: {long}"
+
+
 def test_notebooks_import_the_package_rather_than_define_its_functions(notebook):
     path, nb = notebook
     public = ("tokenizer_image_token", "process_tensors", "splice_batch", "answer_question", "load_projector")
