@@ -19,9 +19,10 @@ side of the parity tests (``tests/test_parity_reference.py``), of the benchmark
     3      (inside answer_question)      image.py
     4      ReferenceProjector            projector.py
     5      process_tensors               splice.py
-    6      answer_question               generation.py, model.py
+    6      generation_defaults,          generation.py, model.py
+           answer_question               (steps 1-6 end to end)
     7      follow_up_turn                chat.py (which keeps the picture; this drops it)
-           load_alpha_projector_state    loading.py
+    8      load_alpha_projector_state    loading.py
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
     raise ValueError(f"Unsupported tensor type: {return_tensors}")
 
 
+class ReferenceProjector(nn.Module):
+    """Step 4 (projection): Linear(a, b) -> exact GELU -> Linear(b, b), held in ``self.model``."""
+
+    def __init__(self, mm_hidden_size: int, hidden_size: int):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Linear(mm_hidden_size, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, x):
+        return self.model(x)
+
+
 def process_tensors(input_ids, image_features, embedding_layer):
     """Step 5 (splice), the ``-hf`` model's ``process_tensors``.
 
@@ -94,6 +110,21 @@ def process_tensors(input_ids, image_features, embedding_layer):
     embeds = torch.cat([before, image_features, after], dim=1)
     attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=image_features.device)
     return embeds, attention_mask
+
+
+def generation_defaults(tokenizer):
+    """Step 6 (generation settings): sample at temperature 0.2, stop on eos or ``<|eot_id|>``, pad with eos.
+
+    The scripts set ``tokenizer.eos_token = "<|eot_id|>"``; passing both ids is the same stop rule
+    without changing the tokenizer. The caller's keywords override these.
+    """
+    return dict(
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")],
+        pad_token_id=tokenizer.eos_token_id,
+        do_sample=True,
+        temperature=0.2,
+    )
 
 
 def answer_question(
@@ -127,15 +158,7 @@ def answer_question(
     )["pixel_values"]
     pixel_values = pixel_values.to(dtype=vision_model.dtype, device=vision_model.device)
 
-    kwargs = dict(
-        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")],
-        pad_token_id=tokenizer.eos_token_id,
-        do_sample=True,
-        temperature=0.2,
-    )
-    kwargs.update(generate_kwargs)
-
+    kwargs = {**generation_defaults(tokenizer), **generate_kwargs}
     with torch.inference_mode():
         outputs = vision_model(pixel_values, output_hidden_states=True)
         features = outputs.hidden_states[-2]
@@ -143,30 +166,6 @@ def answer_question(
         embeds, attention_mask = process_tensors(input_ids, projected, embed_layer)
         generated = text_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
     return generated[0]
-
-
-class ReferenceProjector(nn.Module):
-    """Step 4 (projection): Linear(a, b) -> exact GELU -> Linear(b, b), held in ``self.model``."""
-
-    def __init__(self, mm_hidden_size: int, hidden_size: int):
-        super().__init__()
-        self.model = nn.Sequential(
-            nn.Linear(mm_hidden_size, hidden_size),
-            nn.GELU(),
-            nn.Linear(hidden_size, hidden_size),
-        )
-
-    def forward(self, x):
-        return self.model(x)
-
-
-def load_alpha_projector_state(path):
-    """Checkpoint loading of the original script: read ``mm_projector.bin``
-    (keys ``model.mm_projector.N.*``) and remove the substring ``mm_projector.``
-    so the keys become ``model.N.*``. Unlike the original, ``weights_only=True``.
-    """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {key.replace("mm_projector.", ""): value for key, value in state.items()}
 
 
 def follow_up_turn(text_model, tokenizer, history, question, **generate_kwargs):
@@ -182,15 +181,16 @@ def follow_up_turn(text_model, tokenizer, history, question, **generate_kwargs):
     text = "".join(user.format(q) + assistant.format(a) for q, a in history)
     text += user.format(question) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
     input_ids = tokenizer(text, return_tensors="pt").input_ids.to(text_model.device)  # (1, L), BOS added
-
-    kwargs = dict(
-        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")],
-        pad_token_id=tokenizer.eos_token_id,
-        do_sample=True,
-        temperature=0.2,
-    )
-    kwargs.update(generate_kwargs)
+    kwargs = {**generation_defaults(tokenizer), **generate_kwargs}
     with torch.inference_mode():
         out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     return out[0, input_ids.shape[1]:]
+
+
+def load_alpha_projector_state(path):
+    """Step 8 (loading), the original script's: read ``mm_projector.bin``
+    (keys ``model.mm_projector.N.*``) and remove the substring ``mm_projector.``
+    so the keys become ``model.N.*``. Unlike the original, ``weights_only=True``.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key.replace("mm_projector.", ""): value for key, value in state.items()}
