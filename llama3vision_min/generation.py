@@ -11,7 +11,7 @@ Sources: ``answer_question`` in the official ``modeling_llamavision.py``
 (https://huggingface.co/qresearch/llama-3-vision-alpha-hf/blob/main/modeling_llamavision.py) and the
 alpha form's script (https://huggingface.co/qresearch/llama-3-vision-alpha); transformers' ``generate``
 (https://huggingface.co/docs/transformers/main_classes/text_generation) runs the decoding loop.
-Multi-turn chat is the next step, ``chat.py``.
+Multi-turn chat, the rest of this step, is ``chat.py``.
 """
 
 from .constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EOT_TOKEN
