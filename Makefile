@@ -19,10 +19,11 @@ PYTEST_ARGS ?=
 # Tests never contact the Hub (the online comparison has its own target); notebooks run offline.
 OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
 
+# The first environment also gets bitsandbytes (the quant extra), so 4-bit loading is tested on the CPU.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks,quant]"
 	touch $@
 
 $(VENV_TF4)/.installed: pyproject.toml

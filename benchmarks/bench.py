@@ -204,7 +204,7 @@ def bench_size(size, quick=False, log=print):
     pixel_values = model.preprocess([image])  # (1, 3, H, W)
     llava_inputs = processor(images=[image], text=processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True), add_special_tokens=False, return_tensors="pt")
+        add_generation_prompt=True), return_tensors="pt")
     llava_inputs = {k: v for k, v in llava_inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     llava_inputs["pixel_values"] = llava_inputs["pixel_values"].to(model.vision_model.dtype)
 
@@ -237,7 +237,7 @@ def bench_size(size, quick=False, log=print):
     def llava_generate():
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
         inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                           add_special_tokens=False, return_tensors="pt")
+                           return_tensors="pt")
         stops = stop_token_ids(tokenizer)
         with torch.inference_mode():
             return llava.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],

@@ -113,7 +113,53 @@ def load_projector(path, mm_hidden_size=None, hidden_size=None):
     return projector.to(state["model.0.weight"].dtype)
 
 
-# -- the -hf layout -----------------------------------------------------------------------
+# -- where, and in what precision ----------------------------------------------------------
+def choose_device(device=None):
+    """``device`` as given; by default the first GPU when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_computes_bfloat16():
+    """True when this CPU has bfloat16 instructions (AVX-512 BF16 or AMX), where bfloat16 matmuls are fast."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_dtype(device, stored=torch.float32):
+    """The dtype to load in when the caller names none.
+
+    On a GPU: float16, as the original runs (a T4 has no fast bfloat16). On a CPU: float32 weights
+    stay float32, and a half-precision checkpoint becomes bfloat16 where the CPU computes it natively,
+    else float32 -- float16 matmuls on a CPU are several times slower than either (a 743-row prefill
+    of a 1024-wide, 8-layer model took 6.8 s in float16, 2.2 s in float32, 0.8 s in bfloat16).
+    """
+    if torch.device(device).type == "cuda":
+        return torch.float16
+    if stored in (None, torch.float32, torch.float64):
+        return torch.float32
+    return torch.bfloat16 if cpu_computes_bfloat16() else torch.float32
+
+
+def reset_generation_config(text_model):
+    """Keep only the special token ids of an LLM's generation config, so both forms sample alike.
+
+    Llama 3's ``generation_config.json`` (temperature 0.6, top_p 0.9, max_length 4096) would give the
+    alpha form top_p 0.9 where the ``-hf`` form has none, and a max_length warning on every call; the
+    original's settings come from ``generation.generation_kwargs`` on every call instead.
+    """
+    from transformers import GenerationConfig
+
+    config = text_model.config
+    text_model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                                    pad_token_id=getattr(config, "pad_token_id", None))
+    return text_model
+
+
+# -- reading a checkpoint folder -----------------------------------------------------------
 def _resolve_folder(path_or_hub_id, allow_patterns):
     """A local folder as it is, or a Hub repository downloaded (weights and json only, no code)."""
     local = Path(path_or_hub_id)
@@ -138,15 +184,34 @@ def load_tokenizer(path_or_hub_id):
     """
     from transformers import PreTrainedTokenizerFast
 
-    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.safetensors", "tokenizer*"])
+    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.jinja", "tokenizer*"])
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"expected tokenizer.json in {folder}")
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
+def _read_config(folder):
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise ValueError(f"expected {CONFIG_NAME} in {folder}")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+
+
+def _siglip_vision_config(vision):
+    """A ``SiglipVisionConfig`` from a vision-config dict, or from a full SigLIP config that nests one."""
+    from transformers import SiglipVisionConfig
+
+    vision = dict(vision.get("vision_config", vision))
+    vision.pop("model_type", None)
+    return SiglipVisionConfig(**vision)
+
+
 def _sub_configs(config):
     """Build the text and vision transformers configs from the -hf ``config.json`` dict."""
-    from transformers import AutoConfig, SiglipVisionConfig
+    from transformers import AutoConfig
 
     text, vision = config.get("text_config"), config.get("vision_config")
     if not isinstance(text, dict) or not isinstance(vision, dict):
@@ -154,9 +219,7 @@ def _sub_configs(config):
                          f"found keys {sorted(config)}")
     text = dict(text)
     text_config = AutoConfig.for_model(text.pop("model_type", "llama"), **text)
-    vision = dict(vision.get("vision_config", vision))  # a full SigLIP config nests the vision part
-    vision.pop("model_type", None)
-    return text_config, SiglipVisionConfig(**vision)
+    return text_config, _siglip_vision_config(vision)
 
 
 def _weight_files(folder):
@@ -168,6 +231,21 @@ def _weight_files(folder):
     if single.is_file():
         return [single]
     raise ValueError(f"expected {WEIGHTS_NAME} or {INDEX_NAME} in {folder}, found {sorted(p.name for p in folder.iterdir())}")
+
+
+def _read_parts(folder, route):
+    """Every tensor of the folder's safetensors, sorted into parts: ``route(key)`` gives ``(part, key)`` or None."""
+    states = {}
+    for file in _weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    routed = route(key)
+                    if routed is not None:
+                        states.setdefault(routed[0], {})[routed[1]] = handle.get_tensor(key)
+        except Exception as error:  # safetensors raises its own SafetensorError type
+            raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
+    return states
 
 
 def _route_key(key):
@@ -194,62 +272,95 @@ def _fit_siglip_keys(state, vision_model):
     return {("vision_model." + key if nested else key): tensor for key, tensor in state.items()}
 
 
-def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
-    """Build the three parts with empty weights, then fill them from the safetensors shards."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, SiglipVisionModel
+def _stored_dtype(states):
+    """The dtype the checkpoint's floating-point tensors are stored in."""
+    for state in states.values():
+        for tensor in state.values():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.float32
 
-    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.safetensors", "tokenizer*"])
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise ValueError(f"expected {CONFIG_NAME} in {folder}")
+
+def _fill(name, module, state, folder, allow_missing=()):
+    """Load ``state`` into ``module`` (on the meta device) with the file's tensors as they are: every weight
+    (but ``allow_missing``, e.g. a tied head) and nothing else (but buffers older transformers saved)."""
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    text_config, vision_config = _sub_configs(config)
+        result = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # e.g. a tensor whose shape disagrees with config.json
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"{folder}: the {name} weights do not fit its config: {reason}") from None
+    missing = [key for key in result.missing_keys if key not in allow_missing]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
+    unexpected = [key for key in result.unexpected_keys if not key.endswith(HARMLESS_EXTRA_KEYS)]
+    if unexpected:
+        raise ValueError(f"{folder}: unexpected {name} weights, e.g. {unexpected[:3]}")
+    return module
 
-    states = {"text_model": {}, "vision_model": {}, "mm_projector": {}}
-    for file in _weight_files(folder):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    routed = _route_key(key)
-                    if routed is not None:
-                        states[routed[0]][routed[1]] = handle.get_tensor(key)
-        except Exception as error:  # safetensors raises its own SafetensorError type
-            raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
-    # The pooling head is not used (features come from hidden_states[-2]); a checkpoint may omit it.
-    if not any(key.startswith("head.") for key in states["vision_model"]):
+
+def _vision_tower(vision_config, state, folder):
+    """A ``SiglipVisionModel`` filled with ``state`` (flat keys); without the pooling head if the file has none
+    (it is not used: the features come from ``hidden_states[-2]``)."""
+    from accelerate import init_empty_weights
+    from transformers import SiglipVisionModel
+
+    if not any(key.startswith("head.") for key in state):
         vision_config.vision_use_head = False
+    with init_empty_weights():  # parameters on the meta device: nothing is allocated twice
+        tower = SiglipVisionModel(vision_config)
+    return _fill("vision_model", tower, _fit_siglip_keys(state, tower), folder)
 
-    # Parameters on the meta device: nothing is allocated twice, the file's tensors are used as they are.
+
+def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
+    """Build the three parts with empty weights, then fill them from the safetensors shards.
+
+    ``device`` defaults to the GPU when there is one; ``dtype`` to ``choose_dtype``'s choice.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.jinja", "*.safetensors", "tokenizer*"])
+    text_config, vision_config = _sub_configs(_read_config(folder))
+    states = _read_parts(folder, _route_key)
+    stored = _stored_dtype(states)
+    states = {part: states.get(part, {}) for part in ("text_model", "vision_model", "mm_projector")}
+
     with init_empty_weights():
-        parts = {
-            "text_model": AutoModelForCausalLM.from_config(text_config),
-            "vision_model": SiglipVisionModel(vision_config),
-            "mm_projector": ProjectionModule(vision_config.hidden_size, text_config.hidden_size),
-        }
-
-    states["vision_model"] = _fit_siglip_keys(states["vision_model"], parts["vision_model"])
-    for name, module in parts.items():
-        try:
-            result = module.load_state_dict(states[name], strict=False, assign=True)
-        except RuntimeError as error:  # e.g. a tensor whose shape disagrees with config.json
-            reason = str(error).strip().splitlines()[-1].strip()
-            raise ValueError(f"{folder}: the {name} weights do not fit its config: {reason}") from None
-        missing = [k for k in result.missing_keys if not (name == "text_model" and k == "lm_head.weight"
-                                                           and text_config.tie_word_embeddings)]
-        if missing:
-            raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
-        unexpected = [k for k in result.unexpected_keys if not k.endswith(HARMLESS_EXTRA_KEYS)]
-        if unexpected:
-            raise ValueError(f"{folder}: unexpected {name} weights, e.g. {unexpected[:3]}")
-    if text_config.tie_word_embeddings:
-        parts["text_model"].tie_weights()
-
+        text_model = AutoModelForCausalLM.from_config(text_config)
+        mm_projector = ProjectionModule(vision_config.hidden_size, text_config.hidden_size)
+    tied = ("lm_head.weight",) if text_config.tie_word_embeddings else ()
+    text_model = _fill("text_model", text_model, states["text_model"], folder, allow_missing=tied)
+    if tied:
+        text_model.tie_weights()
+    parts = {
+        "text_model": reset_generation_config(text_model),
+        "vision_model": _vision_tower(vision_config, states["vision_model"], folder),
+        "mm_projector": _fill("mm_projector", mm_projector, states["mm_projector"], folder),
+    }
+    device = choose_device(device)
     model = cls(**parts)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype or choose_dtype(device, stored)).eval()
+
+
+def _vision_key(key):
+    """A SigLIP checkpoint key -> ("vision_model", flat key), or None for the text tower and the logit scale/bias."""
+    if key.startswith("vision_model."):
+        return "vision_model", key.removeprefix("vision_model.")
+    if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
+        return None
+    return "vision_model", key  # a SiglipVisionModel saved by transformers 5.x: flat keys
+
+
+def load_vision_tower(path_or_hub_id):
+    """SigLIP's vision tower from a folder or Hub id holding a full ``SiglipModel`` or a ``SiglipVisionModel``.
+
+    ``google/siglip-so400m-patch14-384`` holds the whole SigLIP (image and text towers); only the
+    vision tensors are read, so nothing of the text tower is loaded, or reported as unused.
+    """
+    folder = _resolve_folder(path_or_hub_id, ["*.json", "*.safetensors"])
+    vision_config = _siglip_vision_config(_read_config(folder))
+    state = _read_parts(folder, _vision_key).get("vision_model", {})
+    return _vision_tower(vision_config, state, folder).eval()
 
 
 def _part_state_dicts(model):
@@ -331,27 +442,42 @@ def _projector_file(projector):
     return _projector_file(folder)
 
 
+def _config_dtype(config):
+    """The dtype a transformers config says its weights are stored in (``dtype``; ``torch_dtype`` in 4.x)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
 def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
     """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision``.
 
-    ``projector=None`` starts a fresh, untrained projector of the right shape (for stage-1 training).
+    ``device`` defaults to the GPU when there is one, ``dtype`` to ``choose_dtype``'s choice for the
+    LLM's stored dtype, for all three parts (one dtype, as in the original). ``load_in_4bit`` / ``load_in_8bit`` quantise the LLM with bitsandbytes (on a GPU, or on a
+    CPU with bitsandbytes >= 0.49). ``projector=None`` starts a fresh, untrained projector of the
+    right shape (for stage-1 training).
     """
-    from transformers import AutoModelForCausalLM, SiglipVisionModel
+    import importlib.util
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = choose_device(device)
+    dtype = dtype or choose_dtype(device, _config_dtype(AutoConfig.from_pretrained(llm)))
     llm_kwargs = {"dtype": dtype}
-    if load_in_4bit or load_in_8bit:
-        if not torch.cuda.is_available():
-            raise ValueError("4-bit/8-bit loading uses bitsandbytes and needs a CUDA GPU; none was found")
+    quantized = load_in_4bit or load_in_8bit
+    if quantized:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("4-bit/8-bit loading needs bitsandbytes (0.49 or newer also runs on a CPU): "
+                             "pip install 'llama3vision-min[quant]'")
         from transformers import BitsAndBytesConfig
 
-        llm_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-            bnb_4bit_compute_dtype=dtype or torch.float16,
-        )
-        llm_kwargs["device_map"] = {"": device or 0}
+        llm_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                                               bnb_4bit_compute_dtype=dtype)
+        llm_kwargs["device_map"] = {"": str(device)}
 
-    text_model = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
-    vision_model = SiglipVisionModel.from_pretrained(vision, dtype=dtype)
+    text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
+    vision_model = load_vision_tower(vision)
     if projector is None:
         projector_module = ProjectionModule(vision_model.config.hidden_size, text_model.config.hidden_size)
     else:
@@ -364,8 +490,8 @@ def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_i
                          f"embeds in {text_model.config.hidden_size}")
 
     model = cls(vision_model=vision_model, text_model=text_model, mm_projector=projector_module)
-    if not (load_in_4bit or load_in_8bit):
+    if not quantized:
         model.text_model.to(device=device)
-    model.vision_model.to(device=device)
-    model.mm_projector.to(device=device, dtype=dtype or vision_model.dtype)
+    model.vision_model.to(device=device, dtype=dtype)
+    model.mm_projector.to(device=device, dtype=dtype)
     return model.eval()

@@ -55,6 +55,7 @@ def process_tensors(input_ids, image_features, embedding_layer):
         )
     split = int(sentinels[0])
 
+    input_ids = input_ids.to(embedding_layer.weight.device)  # the ids meet the embedding where it lives (e.g. a GPU)
     before = embedding_layer(input_ids[:, :split])  # (1, split, hidden)
     after = embedding_layer(input_ids[:, split + 1 :])  # (1, L - split - 1, hidden)
     device = image_features.device

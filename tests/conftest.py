@@ -1,14 +1,56 @@
-"""Shared fixtures: tiny stand-in checkpoints written to disk, loaded through the real loader."""
+"""Shared fixtures: tiny stand-in checkpoints written to disk, loaded through the real loader, and a fake Hub.
 
-import pytest
-import torch
-from PIL import Image
+The tests never read or write the user's Hugging Face cache: before anything imports huggingface_hub,
+``HF_HOME`` points at a private folder of this session, which the ``fake_hub`` fixture fills with
+tiny checkpoints under the real repository ids (``tests/fake_hub.py``).
+"""
 
-from llama3vision_min import LlamaVision
-from llama3vision_min.loading import load_tokenizer
-from llama3vision_min.miniature.stand_ins import build_tiny
+import os
+import shutil
+import tempfile
+
+PRIVATE_HF_HOME = tempfile.mkdtemp(prefix="llama3vision-hf-home-")
+os.environ["HF_HOME"] = PRIVATE_HF_HOME
+for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(variable, None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from llama3vision_min import LlamaVision  # noqa: E402
+from llama3vision_min.loading import load_tokenizer  # noqa: E402
+from llama3vision_min.miniature.stand_ins import build_tiny  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(PRIVATE_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fake_hub():
+    """This session's ``HF_HOME``, filled with the fake Hub; skips unless the Hub is switched off.
+
+    Online, a Hub id would resolve to the real repository (gigabytes), so the fake is only used
+    with ``HF_HUB_OFFLINE=1`` (which ``make test`` sets).
+    """
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("the fake Hub is used only with HF_HUB_OFFLINE=1 (make test sets it)")
+    from fake_hub import build_fake_hub
+
+    return build_fake_hub(PRIVATE_HF_HOME)
+
+
+def offline_env(hf_home, **extra):
+    """The environment for a child process on the fake Hub: offline, this session's HF_HOME."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    return env
 
 
 @pytest.fixture(scope="session")

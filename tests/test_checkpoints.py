@@ -7,6 +7,7 @@
   google/siglip-so400m-patch14-384 is) and ``mm_projector.bin`` in the LLaVA key form.
 """
 
+import importlib.util
 import json
 import re
 import socket
@@ -421,11 +422,33 @@ def test_projector_of_the_wrong_width_is_refused(alpha, tmp_path, widths, names)
     assert all(name in str(error.value) for name in names), str(error.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
-def test_quantised_loading_without_cuda_is_refused(alpha, flag):
-    with pytest.raises(ValueError, match="CUDA"):
-        LlamaVision.from_alpha(*alpha, **{flag: True})
+def test_quantised_loading_without_bitsandbytes_says_how_to_get_it(alpha, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes"
+                        else find_spec(name, *args))
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        with pytest.raises(ValueError, match=r"bitsandbytes .*llama3vision-min\[quant\]"):
+            LlamaVision.from_alpha(*alpha, **{flag: True})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed (pip install 'llama3vision-min[quant]')")
+def test_4bit_loading_runs_on_a_cpu_and_the_export_refuses_it(tiny, alpha, tmp_path):
+    """bitsandbytes >= 0.49 quantises on a CPU too; the LLaVA export needs full-precision weights and says so."""
+    from llama3vision_min.tools.llava_export import export_llava
+
+    _, tokenizer = tiny
+    loaded = LlamaVision.from_alpha(*alpha, device="cpu", load_in_4bit=True)
+    assert type(loaded.text_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert loaded.device.type == "cpu" and loaded.text_model.is_quantized
+    ids = loaded.answer_question(make_image(), "what is this?", tokenizer, do_sample=False, max_new_tokens=4,
+                                 min_new_tokens=4)
+    assert ids.shape == (4,)
+    with pytest.raises(ValueError, match="full-precision weights.*quantised"):
+        export_llava(loaded, tokenizer, tmp_path / "export")
+    assert not (tmp_path / "export").exists()  # refused before anything was written
 
 
 # -- the source never trusts remote code or unpickles unsafely ----------------------------------

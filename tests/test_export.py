@@ -55,11 +55,13 @@ LOADER = textwrap.dedent(
         text = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": job["question"]}]}],
             add_generation_prompt=True, tokenize=False)
+        card = processor(images=image, text=text, return_tensors="pt")  # the way LLaVA's model cards do it
         with torch.no_grad():
             logits = model(**inputs).logits
             natural = model.generate(**inputs, do_sample=False, max_new_tokens=job["n_tokens"])
             forced = model.generate(**inputs, do_sample=False, max_new_tokens=job["n_tokens"],
                                     min_new_tokens=job["n_tokens"])
+            card_natural = model.generate(**card, do_sample=False, max_new_tokens=job["n_tokens"])
         n_prompt = inputs["input_ids"].shape[1]
         results[job["dir"]] = {
             "transformers": transformers.__version__,
@@ -71,6 +73,8 @@ LOADER = textwrap.dedent(
             "logits": logits,
             "natural": natural[0, n_prompt:],
             "forced": forced[0, n_prompt:],
+            "card_input_ids": card["input_ids"][0],
+            "card_natural": card_natural[0, card["input_ids"].shape[1]:],
             "image_token_id": model.config.image_token_index,
             "n_embeddings": model.get_input_embeddings().weight.shape[0],
             "project_imported": sys.modules.get("llama3vision_min") is not None,
@@ -162,6 +166,9 @@ def test_exported_model_matches_llamavision(exported):
 
         # generation_config.json carries both stop ids: a natural stop lands where ours does
         assert torch.equal(theirs["natural"], natural), (label, theirs["natural"].tolist(), natural.tolist())
+        # the model cards' way (template text, then the processor with its special tokens): still one BOS
+        assert torch.equal(theirs["card_input_ids"], expanded), (label, theirs["card_input_ids"][:3].tolist())
+        assert torch.equal(theirs["card_natural"], natural), label
         assert len(forced) == N_TOKENS and torch.equal(theirs["forced"], forced), (label, theirs["forced"].tolist(),
                                                                                    forced.tolist())
 

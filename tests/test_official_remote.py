@@ -1,7 +1,9 @@
 """Parity with the OFFICIAL remote code of qresearch/llama-3-vision-alpha-hf (online only).
 
-Run with ``python -m pytest tests/test_official_remote.py -m online``. Without the Hub
-every test here is skipped with a reason.
+Run with ``make test-online``, or on Colab with the cell at the end of notebook 05 (which clones this
+repository and runs ``python -m pytest -m online tests/test_official_remote.py``). Without the Hub
+every comparison here is skipped with a reason. With it, a failure to download, import or build the
+official code is a test failure, never a skip: "skipped" means only that the Hub did not answer.
 
 Only the code files and ``config.json`` are downloaded (no weights). They are imported
 from a temporary folder -- the one place in this project where the remote code runs,
@@ -41,7 +43,6 @@ REPO = "qresearch/llama-3-vision-alpha-hf"
 CODE_FILES = ("configuration_llamavision.py", "modeling_llamavision.py")
 CONFIG_FILE = "config.json"
 UNREACHABLE = "Hugging Face Hub unreachable: official remote code not downloaded"
-TF_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 # -- download --------------------------------------------------------------------------------
@@ -73,8 +74,29 @@ def download_official_files():
         pytest.skip(UNREACHABLE)
     try:
         return {name: hf_hub_download(REPO, name, etag_timeout=10) for name in names}
+    except Exception as error:  # the Hub answered: not getting the files is a failure
+        pytest.fail(f"the Hub answers but the official files did not download: {type(error).__name__}: {error}")
+
+
+def import_official_code(files, root):
+    """Import the official code files as a package under ``root``; ``{module name: module}``.
+
+    A file that does not import (e.g. code written for another transformers version) fails the
+    test with the reason: the comparison must not look like a pass when it did not run.
+    """
+    package = f"official_llamavision_{uuid.uuid4().hex[:8]}"  # a package, so relative imports in the files work
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    for name in CODE_FILES:
+        shutil.copy(files[name], root / package / name)
+    sys.path.insert(0, str(root))
+    try:
+        return {name[:-3]: importlib.import_module(f"{package}.{name[:-3]}") for name in CODE_FILES}
     except Exception as error:
-        pytest.skip(f"{UNREACHABLE} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})")
+        pytest.fail(f"the official remote code was downloaded but does not import on transformers "
+                    f"{transformers.__version__}: {type(error).__name__}: {error}")
+    finally:
+        sys.path.remove(str(root))
 
 
 def _class_from_auto_map(module_by_file, reference):
@@ -88,22 +110,9 @@ def official(tmp_path_factory):
     """``(model class, config class, config.json dict)`` from the official remote code."""
     files = download_official_files()
     config_json = json.loads(open(files[CONFIG_FILE]).read())
-
-    package = f"official_llamavision_{uuid.uuid4().hex[:8]}"  # a package, so relative imports in the files work
-    root = tmp_path_factory.mktemp("official_code")
-    (root / package).mkdir()
-    (root / package / "__init__.py").write_text("")
-    for name in CODE_FILES:
-        shutil.copy(files[name], root / package / name)
-    sys.path.insert(0, str(root))
+    modules = import_official_code(files, tmp_path_factory.mktemp("official_code"))
+    package = next(iter(modules.values())).__name__.split(".")[0]
     try:
-        try:
-            modules = {name[:-3]: importlib.import_module(f"{package}.{name[:-3]}") for name in CODE_FILES}
-        except Exception as error:
-            if TF_MAJOR >= 5:
-                pytest.skip(f"the official remote code does not import on transformers {transformers.__version__}: "
-                            f"{type(error).__name__}: {error}")
-            raise
         auto_map = config_json.get("auto_map", {})
         model_ref = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoModel")
         if model_ref:
@@ -118,7 +127,6 @@ def official(tmp_path_factory):
         config_class = _class_from_auto_map(modules, config_ref) if config_ref else model_class.config_class
         yield model_class, config_class, config_json
     finally:
-        sys.path.remove(str(root))
         for name in [name for name in sys.modules if name.startswith(package)]:
             del sys.modules[name]
 
@@ -182,10 +190,8 @@ def pair(official):
     try:
         theirs = model_class(config)
     except Exception as error:
-        if TF_MAJOR >= 5:
-            pytest.skip(f"the official class cannot be built on transformers {transformers.__version__}: "
-                        f"{type(error).__name__}: {error}")
-        raise
+        pytest.fail(f"the official class cannot be built on transformers {transformers.__version__}: "
+                    f"{type(error).__name__}: {error}")
     theirs = theirs.float().eval()
     for part in ("text_model", "vision_model", "mm_projector"):
         assert hasattr(theirs, part), f"the official model has no attribute {part!r}"
@@ -255,3 +261,15 @@ def test_greedy_answers_match_official(pair, seed, size):
     # Both stop on <|eot_id|> at least; cut both at the first end token so a wider stop list does not count.
     stops = stop_token_ids(our_tokenizer)
     assert torch.equal(cut_at_stop(mine, stops), cut_at_stop(official.cpu(), stops)), (mine.tolist(), official.tolist())
+
+
+def test_official_code_that_does_not_import_is_a_failure_not_a_skip(tmp_path):
+    """Offline check of the rule above: a downloaded file that does not import fails the comparison."""
+    broken = tmp_path / "files"
+    broken.mkdir()
+    files = {}
+    for name in CODE_FILES:
+        files[name] = broken / name
+        files[name].write_text("from transformers import NoSuchClassInThisVersion\n")
+    with pytest.raises(pytest.fail.Exception, match="does not import on transformers"):
+        import_official_code(files, tmp_path / "root")

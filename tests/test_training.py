@@ -111,10 +111,17 @@ def test_global_batch_must_divide(pretrain_dir, fresh_tiny, tmp_path):
         train_stage1(model, dataset, tokenizer, tmp_path, global_batch=6, per_device_batch=4, mixed_precision="no")
 
 
-def test_command_line_fails_in_one_line_without_a_gpu(pretrain_dir, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the command would start the real run")
+def test_command_line_reports_a_model_it_cannot_load_in_one_line(pretrain_dir, tmp_path, capsys):
+    """The default LLM is the ungated Llama 3 copy; offline and not cached, it fails in one line, naming it."""
     code = main(["--data", str(pretrain_dir / "data.json"), "--images", str(pretrain_dir / "images"),
-                 "--out", str(tmp_path)])
+                 "--out", str(tmp_path / "out"), "--llm", str(tmp_path / "no-such-llm")])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error:") and "CUDA" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "no-such-llm" in err and not (tmp_path / "out").exists()
+
+
+def test_the_default_llm_is_the_ungated_llama_3():
+    from llama3vision_min.training.stage1 import parse_args
+
+    args = parse_args(["--data", "d.json", "--images", "i", "--out", "o"])
+    assert args.llm == "unsloth/llama-3-8b-Instruct" and args.vision == "google/siglip-so400m-patch14-384"

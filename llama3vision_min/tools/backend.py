@@ -4,15 +4,23 @@ One variable overrides the choice: ``LLAMA3VISION_BACKEND`` = ``real``, ``mini``
 ``auto`` (the default). ``auto`` looks for a CUDA GPU first and only then asks whether the
 Hugging Face Hub answers, so an offline CPU machine never tries the network. Offline it takes
 the shipped miniature, or the tiny random stand-in where no miniature is shipped.
+
+``real`` on a GPU loads Llama 3 in 4-bit (it fits a free Colab T4); on a machine without one it loads
+the real model on the CPU in bfloat16 where the CPU computes it, else float32 (about 17 GB or 34 GB
+of memory: slow, but it runs). With ``HF_HUB_OFFLINE=1`` and the fake Hub of ``tests/fake_hub.py``
+in ``HF_HOME``, ``real`` rehearses the whole real path offline.
 """
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKEND_VARIABLE = "LLAMA3VISION_BACKEND"
 REAL_LLM = "unsloth/llama-3-8b-Instruct"
 REAL_VISION = "google/siglip-so400m-patch14-384"
 REAL_PROJECTOR = "qresearch/llama-3-vision-alpha"
+PHOTO = Path(__file__).resolve().parent / "photos" / "chelsea_the_cat.jpg"
+"""The photograph the notebooks show the real model (CC0, from scikit-image; see photos/README.md)."""
 
 
 @dataclass
@@ -60,19 +68,33 @@ def choose_backend(choice=None):
     return choice
 
 
+def load_real_model(llm=REAL_LLM):
+    """The real model in the alpha form with ``llm`` as its LLM: ``(LlamaVision, where it runs, in words)``.
+
+    On a GPU the LLM is loaded in 4-bit (about 7.7 GB in all: a free Colab T4 holds one such model,
+    not two); without one, on the CPU in the loader's choice of bfloat16 or float32.
+    """
+    import torch
+
+    from ..model import LlamaVision
+
+    if torch.cuda.is_available():
+        model = LlamaVision.from_alpha(llm, REAL_VISION, REAL_PROJECTOR, dtype=torch.float16, device="cuda",
+                                       load_in_4bit=True)
+        return model, "4-bit, on the GPU"
+    model = LlamaVision.from_alpha(llm, REAL_VISION, REAL_PROJECTOR, device="cpu")
+    return model, f"{str(model.text_model.dtype).removeprefix('torch.')}, on the CPU"
+
+
 def load_backend(choice=None):
     """Load the chosen backend: ``Backend(name, model, tokenizer, description)``."""
     name = choose_backend(choice)
     if name == "real":
-        import torch
         from transformers import AutoTokenizer
 
-        from ..model import LlamaVision
-
-        model = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float16,
-                                       device="cuda", load_in_4bit=True)
+        model, where = load_real_model()
         tokenizer = AutoTokenizer.from_pretrained(REAL_LLM)
-        return Backend(name, model, tokenizer, "Llama-3-8B-Instruct (4-bit) + SigLIP so400m + the official projector")
+        return Backend(name, model, tokenizer, f"Llama-3-8B-Instruct ({where}) + SigLIP so400m + the official projector")
     if name == "mini":
         from ..miniature import load_mini
 

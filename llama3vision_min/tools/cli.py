@@ -1,7 +1,13 @@
 """Command line: ``python -m llama3vision_min ask --image PATH "QUESTION"`` and ``... export --out DIR``.
 
-Errors the user can fix (a missing picture, a file that is not an image, a model path
-that does not load) print one line on stderr and exit with status 1 -- no traceback.
+The model is the shipped miniature by default; ``--model`` names another (``tiny``, a folder in the
+``-hf`` layout or a Hub id such as ``qresearch/llama-3-vision-alpha-hf``), and ``--llm`` switches to
+the alpha form (a Llama 3 LLM, ``--vision`` and ``--projector``, which default to the real ones).
+It runs on the GPU when there is one, else on the CPU in bfloat16 or float32 (``--device``,
+``--dtype`` and ``--load-in-4bit`` override that).
+
+Errors the user can fix (a missing picture, a file that is not an image, a model that does not
+load, options that do not go together) print one line on stderr and exit with status 1 -- no traceback.
 """
 
 import argparse
@@ -9,11 +15,31 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "mini"
-"""The model used when ``--model`` is not given: the shipped miniature (trained on coloured shapes)."""
+"""The model used when neither ``--model`` nor ``--llm`` is given: the shipped miniature (trained on coloured shapes)."""
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CliError(Exception):
     """An error with a message meant for the user."""
+
+
+def _model_options(parser):
+    parser.add_argument("--model", default=None,
+                        help="'mini' (the shipped miniature), 'tiny' (random weights: answers noise), a folder "
+                             "in the -hf layout, or a Hub id such as qresearch/llama-3-vision-alpha-hf "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--llm", default=None,
+                        help="the alpha form: a Llama 3 LLM (folder or Hub id, e.g. unsloth/llama-3-8b-Instruct "
+                             "or a fine-tune of it), with --vision and --projector")
+    parser.add_argument("--vision", default=None, help="alpha form: the SigLIP model (default: the real one)")
+    parser.add_argument("--projector", default=None,
+                        help="alpha form: mm_projector.bin/.safetensors, a folder or a Hub id (default: the real one)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="default: float16 on a GPU; on a CPU bfloat16 where it computes it, else float32")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="alpha form: the LLM in 4-bit (bitsandbytes; on a GPU, or on a CPU with bitsandbytes >= 0.49)")
 
 
 def _parser():
@@ -23,16 +49,13 @@ def _parser():
     ask = commands.add_parser("ask", help="answer one question about one picture")
     ask.add_argument("question", help="the question, e.g. 'what is this?'")
     ask.add_argument("--image", required=True, help="path to the picture")
-    ask.add_argument("--model", default=DEFAULT_MODEL,
-                     help="'mini' (the shipped miniature), 'tiny' (random weights: answers noise), a folder "
-                          "in the -hf layout, or a Hub id such as qresearch/llama-3-vision-alpha-hf "
-                          "(default: %(default)s)")
+    _model_options(ask)
     ask.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
     export = commands.add_parser("export", help="write a transformers-native LLaVA folder (see tools/llava_export.py)")
     export.add_argument("--out", required=True, help="the folder to write")
-    export.add_argument("--model", default=DEFAULT_MODEL, help="as for ask (default: %(default)s)")
+    _model_options(export)
     export.add_argument("--vllm-names", action="store_true",
                         help="store weights under the names vLLM's llava loader reads (transformers 4.x and 5.x read them too)")
     return parser
@@ -52,25 +75,49 @@ def _open_image(path):
         raise CliError(f"not a readable image: {path} ({type(error).__name__})") from None
 
 
-def _load_model(name):
-    from ..loading import load_tokenizer
-    from ..miniature import load_mini
-    from ..miniature.stand_ins import load_tiny
-    from ..model import LlamaVision
+def _placement(args):
+    """``(device, dtype)`` from ``--device`` / ``--dtype``; ``dtype`` None leaves the loader's choice."""
+    import torch
 
-    if name == "tiny":
-        return load_tiny()
-    if name == "mini":
-        try:
-            return load_mini()
-        except ValueError as error:
-            raise CliError(str(error)) from None
+    from ..loading import choose_device
+
     try:
-        model = LlamaVision.from_pretrained(name)
-        tokenizer = load_tokenizer(name)
+        device = choose_device(args.device)
+    except RuntimeError as error:
+        raise CliError(f"--device {args.device!r} is not a device: {str(error).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device} asks for a GPU, but torch sees none")
+    return device, getattr(torch, args.dtype) if args.dtype else None
+
+
+def _load_model(args):
+    from ..loading import choose_dtype, load_tokenizer
+    from ..model import LlamaVision
+    from .backend import REAL_PROJECTOR, REAL_VISION
+
+    alpha = args.llm is not None
+    if alpha and args.model is not None:
+        raise CliError("--model and --llm are two ways to name the model: give one")
+    if not alpha and (args.vision or args.projector):
+        raise CliError("--vision and --projector belong to the alpha form: give --llm too")
+    if args.load_in_4bit and not alpha:
+        raise CliError("--load-in-4bit needs the alpha form (--llm ...): the -hf loader reads full-precision weights")
+    device, dtype = _placement(args)
+    name = args.model or DEFAULT_MODEL
+    try:
+        if alpha:
+            model = LlamaVision.from_alpha(args.llm, args.vision or REAL_VISION, args.projector or REAL_PROJECTOR,
+                                           dtype=dtype, device=device, load_in_4bit=args.load_in_4bit)
+            return model, load_tokenizer(args.llm)
+        if name in ("mini", "tiny"):
+            from ..miniature import load_mini
+            from ..miniature.stand_ins import load_tiny
+
+            model, tokenizer = load_mini() if name == "mini" else load_tiny()
+            return model.to(device=device, dtype=dtype or choose_dtype(device, model.text_model.dtype)), tokenizer
+        return LlamaVision.from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
     except (ValueError, OSError) as error:
-        raise CliError(f"could not load model {name!r}: {str(error).splitlines()[0]}") from None
-    return model, tokenizer
+        raise CliError(f"could not load model {args.llm or name!r}: {str(error).splitlines()[0]}") from None
 
 
 def ask(args):
@@ -79,7 +126,7 @@ def ask(args):
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     image = _open_image(args.image)
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = _load_model(args)
     torch.manual_seed(args.seed)
     kwargs = {"max_new_tokens": args.max_new_tokens}
     if args.greedy:
@@ -93,11 +140,14 @@ def ask(args):
 def export(args):
     from .llava_export import export_llava
 
-    model, tokenizer = _load_model(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise CliError(f"--out {out} exists and is not empty; choose a new folder")
-    export_llava(model, tokenizer, out, vllm_names=args.vllm_names)
+    model, tokenizer = _load_model(args)
+    try:
+        export_llava(model, tokenizer, out, vllm_names=args.vllm_names)
+    except ValueError as error:
+        raise CliError(str(error).splitlines()[0]) from None
     print(out)
 
 

@@ -179,6 +179,10 @@ def to_llava(model, tokenizer, image_token=IMAGE_TOKEN):
     from accelerate import init_empty_weights
     from transformers import LlavaForConditionalGeneration
 
+    if getattr(model.text_model, "is_quantized", False):
+        raise ValueError("the LLaVA export needs the LLM's full-precision weights, but this one is quantised "
+                         "(bitsandbytes 4-bit/8-bit): load the model without load_in_4bit / load_in_8bit "
+                         "(e.g. from_alpha(..., dtype=torch.float16)) and export that")
     config = llava_config(model, tokenizer, image_token)
     with init_empty_weights(include_buffers=False):  # rotary and position-id buffers stay real
         llava = LlavaForConditionalGeneration(config)
@@ -199,13 +203,28 @@ def to_llava(model, tokenizer, image_token=IMAGE_TOKEN):
     return llava.eval()
 
 
+def _template_tokenizer(tokenizer, template):
+    """A copy of ``tokenizer`` with the chat template, that adds no ``<|begin_of_text|>`` of its own.
+
+    The template writes BOS. transformers' LLaVA model cards tokenize its text with
+    ``processor(images=..., text=prompt)``, i.e. with the tokenizer's special tokens, while
+    ``apply_chat_template(..., tokenize=True)`` does not add them: only a tokenizer that adds no BOS
+    gives exactly one in both ways (Llama 3's own tokenizer would add a second one in the first).
+    """
+    from tokenizers import processors
+
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template and BOS
+    tokenizer.chat_template = template
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    return tokenizer
+
+
 def llava_processor(model, tokenizer, image_token=IMAGE_TOKEN):
     """A ``LlavaProcessor``: SigLIP image processor at the tower's size + a copy of the tokenizer with the template."""
     from transformers import LlavaProcessor
 
     template = chat_template(image_token)
-    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
-    tokenizer.chat_template = template
+    tokenizer = _template_tokenizer(tokenizer, template)
     return LlavaProcessor(
         image_processor=make_processor(model.image_size),
         tokenizer=tokenizer,
@@ -241,9 +260,9 @@ def export_llava(model, tokenizer, out_dir, vllm_names=False, image_token=IMAGE_
     loader reads (see the module docstring); transformers reads those as well. Weights keep
     their dtype. Returns the folder as a ``Path``.
     """
+    llava = to_llava(model, tokenizer, image_token)  # refuses what it cannot express before anything is written
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    llava = to_llava(model, tokenizer, image_token)
     if vllm_names:
         llava.config.save_pretrained(folder)
         save_state_dict(vllm_state_dict(model), folder, max_shard_size)

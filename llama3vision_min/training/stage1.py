@@ -15,9 +15,9 @@ schedule with 3 % warm-up, no weight decay, bf16 (LLaVA-1.5, arXiv 2310.03744, a
 The result is ``OUT/mm_projector.safetensors`` with the official key names, which
 ``load_projector`` (and ``LlamaVision.from_alpha``) read.
 
-It needs a GPU and the Hub (runs on Colab or a GPU server; not exercised offline). The
-tests run the same code on the tiny stand-ins: collation, masking, accumulation and
-optimizer steps. The miniature's stage C (``llama3vision_min.miniature.stages``) is this
+The real run needs a GPU and the Hub (Colab or a GPU server). The same command runs on a CPU,
+slowly, and offline on the fake Hub of ``tests/fake_hub.py`` (a trial of two updates runs in the
+tests); the tests also run collation, masking, accumulation and optimizer steps on the tiny stand-ins. The miniature's stage C (``llama3vision_min.miniature.stages``) is this
 recipe at toy size, with the frozen tower's features cached.
 """
 
@@ -118,7 +118,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json)")
     parser.add_argument("--images", required=True, help="folder the JSON's picture paths are relative to")
     parser.add_argument("--out", required=True, help="where mm_projector.safetensors is written")
-    parser.add_argument("--llm", default="meta-llama/Meta-Llama-3-8B-Instruct")
+    parser.add_argument("--llm", default="unsloth/llama-3-8b-Instruct",
+                        help="the frozen LLM (default: %(default)s, an ungated copy of Meta-Llama-3-8B-Instruct)")
     parser.add_argument("--vision", default="google/siglip-so400m-patch14-384")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--global-batch", type=int, default=256)
@@ -133,6 +134,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def precision(device):
+    """``(dtype of the frozen towers, accelerate's mixed_precision)`` for ``device``.
+
+    LLaVA trains in bfloat16. A GPU without it (a T4) uses float16; a CPU uses bfloat16 where it
+    computes it, else float32 -- a CPU run is for trials only.
+    """
+    from ..loading import cpu_computes_bfloat16
+
+    if device.type == "cuda":
+        return (torch.bfloat16, "bf16") if torch.cuda.is_bf16_supported() else (torch.float16, "fp16")
+    return (torch.bfloat16, "bf16") if cpu_computes_bfloat16() else (torch.float32, "no")
+
+
 def main(argv=None):
     from accelerate import PartialState
 
@@ -142,19 +156,21 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         dataset = LlavaPretrain(args.data, args.images, limit=args.limit)
-        if not torch.cuda.is_available():
-            raise ValueError("the real stage-1 recipe needs a CUDA GPU (bf16, an 8B LLM); none was found")
         state = PartialState()
-        model = LlamaVision.from_alpha(args.llm, args.vision, projector=None, dtype=torch.bfloat16,
+        dtype, mixed_precision = precision(state.device)
+        model = LlamaVision.from_alpha(args.llm, args.vision, projector=None, dtype=dtype,
                                        device=state.device, load_in_4bit=args.load_in_4bit)
         tokenizer = load_tokenizer(args.llm)
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
-    model.mm_projector.float()  # trained in float32 under bf16 autocast, as LLaVA does
+    if state.device.type != "cuda":
+        print(f"no GPU: training on the CPU in {str(dtype).removeprefix('torch.')} (slow; for trial runs)",
+              file=sys.stderr)
+    model.mm_projector.float()  # trained in float32 under autocast, as LLaVA does
     losses = train_stage1(model, dataset, tokenizer, args.out, lr=args.lr, global_batch=args.global_batch,
                           per_device_batch=args.per_device_batch, epochs=args.epochs,
-                          warmup_ratio=args.warmup_ratio, max_steps=args.max_steps,
+                          warmup_ratio=args.warmup_ratio, mixed_precision=mixed_precision, max_steps=args.max_steps,
                           num_workers=args.num_workers, seed=args.seed)
     print(f"{len(losses)} updates, loss {losses[0]:.3f} -> {losses[-1]:.3f}; projector in {args.out}")
     return 0
