@@ -144,14 +144,19 @@ class LlamaVision(nn.Module):
     # -- loading and saving (the code lives in loading.py) ---------------------------------
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype=None, device=None):
-        """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id)."""
+        """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id).
+
+        By default on the GPU when there is one, in float16 there; on a CPU in bfloat16 where it computes it,
+        else float32 (``loading.choose_dtype``).
+        """
         return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device)
 
     @classmethod
     def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
         """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
 
-        Swapping the LLM is changing ``llm``: the projector is reused as it is.
+        Swapping the LLM is changing ``llm``: the projector is reused as it is. Device and dtype as for
+        ``from_pretrained``; ``load_in_4bit`` quantises the LLM (bitsandbytes, on a GPU or a CPU).
         """
         return loading.load_alpha_form(cls, llm, vision, projector, dtype=dtype, device=device,
                                        load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
