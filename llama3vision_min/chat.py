@@ -22,9 +22,8 @@ import torch
 
 from .constants import EOT_TOKEN, IMAGE_TOKEN_INDEX
 from .generation import cut_at_stop, generation_kwargs, stop_token_ids
-from .prompt import ASSISTANT_HEADER, build_chat_prompt, build_prompt, user_turn
-from .splice import splice_batch
-from .token_split import continuation_ids, tokenizer_image_token
+from .prompt import chat_segments, follow_up_segments
+from .token_split import prompt_ids
 
 
 class ChatSession:
@@ -43,9 +42,9 @@ class ChatSession:
 
     def ask(self, question, **generate_kwargs):
         """Answer ``question`` about the picture, remembering the conversation so far; returns text."""
-        prompt = build_chat_prompt(self.history + [(question, None)])
-        ids = self.model.generate_from_prompts([prompt], [[self.image]], self.tokenizer,
-                                               **{**self.generate_kwargs, **generate_kwargs})[0]
+        conversation = self.history + [(question, None)]
+        ids = self.model.generate_from_conversations([conversation], [self.image], self.tokenizer,
+                                                     **{**self.generate_kwargs, **generate_kwargs})[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
         self.history.append((question, answer))
         return answer
@@ -93,12 +92,14 @@ class CachedChat(ChatSession):
         """Answer ``question``; returns the answer text. Only uncached tokens are run through the LLM."""
         from transformers import DynamicCache
 
-        kwargs = generation_kwargs(self.tokenizer, {**self.generate_kwargs, **generate_kwargs})
+        kwargs = {**self.generate_kwargs, **generate_kwargs}
+        special = kwargs.pop("special_tokens_in_text", False)  # as in generate_from_conversations
+        kwargs = generation_kwargs(self.tokenizer, kwargs)
         text_model = self.model.text_model
         if self.cache is None:  # turn 1: the picture and the first question
-            ids = tokenizer_image_token(build_prompt(question), self.tokenizer)  # (L,) with one -200
+            ids = prompt_ids(chat_segments([(question, None)]), self.tokenizer, special)  # (L,) with one -200
             features = self.model.encode_images(self.model.preprocess([self.image]))  # (1, P, hidden)
-            batch = splice_batch([ids], features, text_model.get_input_embeddings())  # (1, L - 1 + P, hidden)
+            batch = self.model.splice([ids], features)  # (1, L - 1 + P, hidden)
             self.cache = DynamicCache()
             with _old_cache_name():
                 new = text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
@@ -107,7 +108,12 @@ class CachedChat(ChatSession):
             for token_id in ids.tolist():
                 self.sequence.extend([pad] * features.shape[1] if token_id == IMAGE_TOKEN_INDEX else [token_id])
         else:  # a follow-up: only the last answer token and the new user turn are new to the cache
-            self.sequence += continuation_ids(user_turn(question) + ASSISTANT_HEADER, self.tokenizer)
+            turn = prompt_ids(follow_up_segments(question), self.tokenizer, special, continuation=True).tolist()
+            limit = getattr(text_model.config, "max_position_embeddings", None)
+            if limit and len(self.sequence) + len(turn) > limit:
+                raise ValueError(f"the conversation would be {len(self.sequence) + len(turn)} positions long, but "
+                                 f"the LLM reads at most {limit}: start a new chat")
+            self.sequence += turn
             input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); generate skips the cached part
             with _old_cache_name():
                 out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

@@ -86,6 +86,11 @@ def projector_state_dict(state, source="projector file"):
             f"{source}: expected projector keys like model.mm_projector.0.weight, model.0.weight or "
             f"mm_projector.model.0.weight (layers 0 and 2, weight and bias); found {sorted(state)[:8]}"
         )
+    for key, tensor in sorted(out.items()):
+        rank = 2 if key.endswith("weight") else 1
+        if not tensor.is_floating_point() or tensor.dim() != rank:
+            raise ValueError(f"{source}: expected {key} to be a {rank}-D floating-point tensor, found "
+                             f"{tensor.dim()}-D {tensor.dtype} of shape {tuple(tensor.shape)}")
     return out
 
 
@@ -195,9 +200,12 @@ def _read_config(folder):
     if not config_file.is_file():
         raise ValueError(f"expected {CONFIG_NAME} in {folder}")
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def _siglip_vision_config(vision):
@@ -218,14 +226,68 @@ def _sub_configs(config):
         raise ValueError("expected a llama-3-vision-alpha-hf config.json with 'text_config' and 'vision_config', "
                          f"found keys {sorted(config)}")
     text = dict(text)
-    text_config = AutoConfig.for_model(text.pop("model_type", "llama"), **text)
-    return text_config, _siglip_vision_config(vision)
+    try:
+        return AutoConfig.for_model(text.pop("model_type", "llama"), **text), _siglip_vision_config(vision)
+    except Exception as error:  # transformers 5's configs raise their own validation errors
+        reason = " ".join(str(error).split())
+        raise ValueError(f"config.json's text_config or vision_config cannot be read: {reason}") from None
+
+
+def _check_sizes(text_config, vision_config, states, folder):
+    """The configs' sizes: whole positive numbers that agree with the weights -- checked before any
+    module is built (a config that asks for millions of layers would otherwise be built first)."""
+    for what, config, names in (
+            ("text_config", text_config, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads")),
+            ("vision_config", vision_config, ("image_size", "patch_size", "hidden_size", "intermediate_size",
+                                              "num_hidden_layers", "num_attention_heads"))):
+        for name in names:
+            value = getattr(config, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{folder}: {what}.{name} must be a whole number >= 1, found {value!r}")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"{folder}: {what}.hidden_size ({config.hidden_size}) is not a multiple of "
+                             f"num_attention_heads ({config.num_attention_heads})")
+
+    def layers(state, prefix):  # (how many layers the weights hold, the key of the last one)
+        found = sorted((int(key[len(prefix):].split(".")[0]), key) for key in state if key.startswith(prefix))
+        return (found[-1][0] + 1, f"layers, the last {found[-1][1]}") if found else (None, None)
+
+    def shape(state, key):
+        return (tuple(state[key].shape), f"({key})") if key in state else (None, None)
+
+    text, vision = states.get("text_model", {}), states.get("vision_model", {})
+    (patch, patch_key) = shape(vision, "embeddings.patch_embedding.weight")
+    agreements = [  # (name, what the config says, (what the weights say, the key that says it))
+        ("text_config.num_hidden_layers", text_config.num_hidden_layers, layers(text, "model.layers.")),
+        ("vision_config.num_hidden_layers", vision_config.num_hidden_layers, layers(vision, "encoder.layers.")),
+        ("text_config.(vocab_size, hidden_size)", (text_config.vocab_size, text_config.hidden_size),
+         shape(text, "model.embed_tokens.weight")),
+        ("vision_config.(hidden_size, patch_size)", (vision_config.hidden_size, vision_config.patch_size),
+         ((patch[0], patch[-1]), patch_key) if patch else (None, None)),
+    ]
+    for name, said, (found, key) in agreements:
+        if found is not None and said != found:
+            raise ValueError(f"{folder}: config.json gives {name} = {said}, but the weights hold {found} {key}")
 
 
 def _weight_files(folder):
+    """The safetensors files of a folder: those its index names (each inside the folder), else the single file."""
     index = folder / INDEX_NAME
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            raise ValueError(f"{index} is not a JSON object: {error}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} must hold a 'weight_map' of tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        outside = [shard for shard in shards if Path(shard).is_absolute() or ".." in Path(shard).parts]
+        if outside:  # refused before the file system is asked anything about them
+            raise ValueError(f"{index} names shard {outside[0]!r} outside the model folder")
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise ValueError(f"{index} names shard {missing[0]!r}, which is not in {folder}")
         return [folder / shard for shard in shards]
     single = folder / WEIGHTS_NAME
     if single.is_file():
@@ -241,8 +303,14 @@ def _read_parts(folder, route):
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
                     routed = route(key)
-                    if routed is not None:
-                        states.setdefault(routed[0], {})[routed[1]] = handle.get_tensor(key)
+                    if routed is None:
+                        continue
+                    part, inner = routed
+                    if inner in states.setdefault(part, {}):
+                        raise ValueError(f"{key} holds {part}.{inner} a second time (two key forms in one checkpoint)")
+                    states[part][inner] = handle.get_tensor(key)
+        except ValueError:
+            raise
         except Exception as error:  # safetensors raises its own SafetensorError type
             raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
     return states
@@ -284,6 +352,10 @@ def _stored_dtype(states):
 def _fill(name, module, state, folder, allow_missing=()):
     """Load ``state`` into ``module`` (on the meta device) with the file's tensors as they are: every weight
     (but ``allow_missing``, e.g. a tied head) and nothing else (but buffers older transformers saved)."""
+    parameters = dict(module.named_parameters())
+    for key, tensor in state.items():
+        if key in parameters and not tensor.is_floating_point():
+            raise ValueError(f"{folder}: {name}.{key} must hold floating-point weights, found {tensor.dtype}")
     try:
         result = module.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as error:  # e.g. a tensor whose shape disagrees with config.json
@@ -322,6 +394,7 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
     folder = _resolve_folder(path_or_hub_id, ["*.json", "*.jinja", "*.safetensors", "tokenizer*"])
     text_config, vision_config = _sub_configs(_read_config(folder))
     states = _read_parts(folder, _route_key)
+    _check_sizes(text_config, vision_config, states, folder)
     stored = _stored_dtype(states)
     states = {part: states.get(part, {}) for part in ("text_model", "vision_model", "mm_projector")}
 
@@ -418,6 +491,9 @@ def save_state_dict(state, folder, max_shard_size="5GB"):
     from huggingface_hub import split_torch_state_dict_into_shards
 
     state = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
+    stale = [Path(folder) / WEIGHTS_NAME, Path(folder) / INDEX_NAME, *Path(folder).glob("model-*-of-*.safetensors")]
+    for file in stale:  # an earlier save's files: an index left behind would be read instead of the new weights
+        file.unlink(missing_ok=True)
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():

@@ -29,9 +29,9 @@ from . import loading
 from .chat import CachedChat, ChatSession
 from .generation import cut_at_stop, generation_kwargs
 from .image import make_processor, preprocess_images, vision_features
-from .prompt import build_prompt
+from .prompt import chat_segments
 from .splice import process_tensors, splice_batch
-from .token_split import tokenizer_image_token
+from .token_split import prompt_ids, tokenizer_image_token
 
 
 class LlamaVision(nn.Module):
@@ -88,27 +88,45 @@ class LlamaVision(nn.Module):
             image_features = self.encode_images(pixel_values)
         else:
             image_features = self.project(vision_features)
-        batch = splice_batch(input_ids, image_features, self.text_model.get_input_embeddings(),
-                             attention_mask=attention_mask, labels=labels, padding_side=padding_side)
+        batch = self.splice(input_ids, image_features, attention_mask=attention_mask, labels=labels,
+                            padding_side=padding_side)
         return self.text_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids, labels=batch.labels, **kwargs)
 
+    def splice(self, input_ids, image_features, **kwargs):
+        """``splice_batch`` into this LLM's embeddings, refusing a sequence longer than the LLM's context."""
+        batch = splice_batch(input_ids, image_features, self.text_model.get_input_embeddings(), **kwargs)
+        limit = getattr(self.text_model.config, "max_position_embeddings", None)
+        longest = int(batch.attention_mask.sum(-1).max())
+        if limit and longest > limit:
+            raise ValueError(f"the prompt is {longest} positions long (its text and {image_features.shape[1]} rows "
+                             f"per picture), but the LLM reads at most {limit}: shorten it")
+        return batch
+
     # -- generation --------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate_from_prompts(self, prompts, images_per_prompt, tokenizer, **generate_kwargs):
-        """Generate for a batch of prompts (each with its own images); returns one 1-D id tensor each.
+    def generate_from_conversations(self, conversations, images, tokenizer, special_tokens_in_text=False,
+                                    **generate_kwargs):
+        """Generate the next answer of each conversation about its picture; returns one 1-D id tensor each.
 
-        Rows are left-padded so every prompt ends where generation begins.
+        conversations: ``[[(question, answer), ..., (question, None)], ...]``, the picture in the first
+                       user turn (``prompt.chat_segments``); images: one picture per conversation.
+        What people wrote is read as text, even ``<|eot_id|>`` typed in a question; pass
+        ``special_tokens_in_text=True`` to read it as the original does. Rows are left-padded so every
+        prompt ends where generation begins.
         """
-        ids = [tokenizer_image_token(prompt, tokenizer) for prompt in prompts]
-        images = [image for group in images_per_prompt for image in group]
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError(f"expected a non-empty list of conversations, got {conversations!r}")
+        if not isinstance(images, (list, tuple)) or len(images) != len(conversations):
+            raise ValueError(f"expected one picture per conversation ({len(conversations)}), got {images!r:.80}")
+        ids = [prompt_ids(chat_segments(turns), tokenizer, special_tokens_in_text) for turns in conversations]
+        kwargs = generation_kwargs(tokenizer, generate_kwargs)  # checked before any picture is encoded
         image_features = self.encode_images(self.preprocess(images))  # (n_images, n_patches, hidden)
-        batch = splice_batch(ids, image_features, self.text_model.get_input_embeddings(), padding_side="left")
-        kwargs = generation_kwargs(tokenizer, generate_kwargs)
+        batch = self.splice(ids, image_features, padding_side="left")
         # With only inputs_embeds, generate returns the new tokens alone: (batch, n_new)
         new_tokens = self.text_model.generate(inputs_embeds=batch.inputs_embeds,
                                               attention_mask=batch.attention_mask, **kwargs)
-        if len(prompts) == 1:
+        if len(conversations) == 1:
             return [new_tokens[0]]
         # Rows that stopped early are padded; cut each after the stop ids generate actually used.
         stops = kwargs["eos_token_id"]
@@ -121,14 +139,17 @@ class LlamaVision(nn.Module):
         Decode them with ``tokenizer.decode(ids, skip_special_tokens=True)``. Sampling at
         temperature 0.2 by default; pass ``do_sample=False`` for greedy, ``streamer=`` to stream.
         """
-        return self.generate_from_prompts([build_prompt(question)], [[image]], tokenizer, **generate_kwargs)[0]
+        return self.generate_from_conversations([[(question, None)]], [image], tokenizer, **generate_kwargs)[0]
 
     def answer_questions(self, images, questions, tokenizer, **generate_kwargs):
         """Answer a batch: ``questions[i]`` about ``images[i]``, all in one left-padded ``generate`` call."""
+        for name, value in (("images", images), ("questions", questions)):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list, one per picture; got a {type(value).__name__}")
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
-        prompts = [build_prompt(question) for question in questions]
-        return self.generate_from_prompts(prompts, [[image] for image in images], tokenizer, **generate_kwargs)
+        conversations = [[(question, None)] for question in questions]
+        return self.generate_from_conversations(conversations, images, tokenizer, **generate_kwargs)
 
     def chat(self, image, tokenizer, reuse_cache=False, **generate_kwargs):
         """Start a multi-turn conversation about ``image``; ``session.ask(question)`` returns each answer.

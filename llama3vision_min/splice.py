@@ -38,11 +38,12 @@ def process_tensors(input_ids, image_features, embedding_layer):
     image_features: (1, n_patches, hidden) -- already projected
     returns:        embeds (1, L - 1 + n_patches, hidden), mask (1, L - 1 + n_patches) of ones (long)
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
-            f"process_tensors expects input_ids of shape (1, seq_len), got {tuple(input_ids.shape)}; "
+            f"process_tensors expects input_ids of shape (1, seq_len), got {tuple(getattr(input_ids, 'shape', ()))}; "
             "use splice_batch for batches"
         )
+    check_ids(input_ids, embedding_layer.weight.shape[0])
     sentinels = (input_ids[0] == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0]
     if len(sentinels) == 0:
         raise ValueError(
@@ -64,6 +65,17 @@ def process_tensors(input_ids, image_features, embedding_layer):
     return embeds, attention_mask
 
 
+def check_ids(ids, n_embeddings, image_token_index=IMAGE_TOKEN_INDEX):
+    """Refuse ids that are not integers, or that name no row of the embedding matrix (but the sentinel)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got a tensor of {ids.dtype}")
+    text = ids[ids != image_token_index]
+    outside = text[(text < 0) | (text >= n_embeddings)]
+    if outside.numel():
+        raise ValueError(f"input_ids hold {outside[0].item()}, which is neither a token id of this LLM "
+                         f"(0 .. {n_embeddings - 1}) nor the image sentinel ({image_token_index})")
+
+
 @dataclass
 class SplicedBatch:
     """What ``splice_batch`` returns: everything the LLM's forward needs."""
@@ -80,6 +92,20 @@ def _rows(input_ids, attention_mask, labels):
         input_ids = input_ids.unsqueeze(0)
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
         labels = None if labels is None else labels.reshape(1, -1)
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length) or (length,), got shape {tuple(input_ids.shape)}")
+        for name, other in (("attention_mask", attention_mask), ("labels", labels)):
+            if other is not None and tuple(other.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(other.shape)}")
+    elif not isinstance(input_ids, (list, tuple)) or not all(
+            isinstance(ids, torch.Tensor) and ids.dim() == 1 for ids in input_ids):
+        raise ValueError("input_ids must be a tensor or a list of 1-D id tensors")
+    elif attention_mask is not None or labels is not None:
+        raise ValueError("a list of unpadded id tensors takes no attention_mask or labels: pad them into a tensor")
+    if len(input_ids) == 0:
+        raise ValueError("input_ids hold no prompt (an empty batch)")
     for b, ids in enumerate(input_ids):
         keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool()
         row_labels = None if labels is None else labels[b][keep]
@@ -108,6 +134,12 @@ def splice_batch(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     rows = list(_rows(input_ids, attention_mask, labels))
+    weight = embedding_layer.weight
+    for ids, _ in rows:
+        check_ids(ids, weight.shape[0], image_token_index)
+    if image_features.dim() != 3 or image_features.shape[-1] != weight.shape[1]:
+        raise ValueError(f"image_features must be (n_images, n_patches, {weight.shape[1]}) -- projected to the "
+                         f"LLM's width -- got shape {tuple(image_features.shape)}")
     n_sentinels = sum(int((ids == image_token_index).sum()) for ids, _ in rows)
     if n_sentinels != len(image_features):
         raise ValueError(
@@ -115,7 +147,6 @@ def splice_batch(
             f"but {len(image_features)} image feature blocks were given"
         )
 
-    weight = embedding_layer.weight
     image_features = image_features.to(device=weight.device, dtype=weight.dtype)
     next_image = 0
     spliced = []  # one (embeds, labels) pair per prompt, unpadded

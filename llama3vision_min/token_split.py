@@ -50,11 +50,39 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
     return torch.tensor(ids, dtype=torch.long)  # (seq_len,)
 
 
+def prompt_ids(segments, tokenizer, special_tokens_in_text=False, continuation=False,
+               image_token_index=IMAGE_TOKEN_INDEX):
+    """Ids of a prompt given as ``prompt.chat_segments``: what people (and the model) wrote stays text.
+
+    The chat format's own special tokens are read as such; a ``"text"`` piece is tokenized with
+    ``split_special_tokens=True``, so ``<|eot_id|>`` or ``<image>`` typed in a question are plain
+    characters, not the end of a turn or a second picture. For ordinary text the ids equal
+    ``tokenizer_image_token`` of the joined prompt (the pieces are cut at special tokens, where a
+    tokenizer never merges anyway). ``special_tokens_in_text=True`` is the original's behaviour, for
+    parity: the joined prompt through ``tokenizer_image_token``. ``continuation=True`` drops the BOS
+    (the prompt goes on an earlier sequence). Returns a 1-D ``torch.LongTensor``.
+    """
+    if special_tokens_in_text:
+        ids = tokenizer_image_token("".join(text for _, text in segments), tokenizer, image_token_index).tolist()
+        return torch.tensor(_without_bos(ids, tokenizer) if continuation else ids, dtype=torch.long)
+    ids = []
+    for kind, text in segments:
+        if kind == "image":
+            ids.append(image_token_index)
+        else:
+            piece = list(tokenizer(text, split_special_tokens=(kind == "text")).input_ids)
+            ids += _without_bos(piece, tokenizer) if ids or continuation else piece
+    return torch.tensor(ids, dtype=torch.long)  # (seq_len,)
+
+
+def _without_bos(ids, tokenizer):
+    return ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids
+
+
 def continuation_ids(text, tokenizer):
     """Ids of text that follows earlier text in a sequence: tokenized on its own, BOS dropped.
 
     The same rule as for the later chunks above; used wherever a prompt is built piece by
     piece (a chat's next turn, an answer appended to a prompt).
     """
-    ids = list(tokenizer(text).input_ids)
-    return ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids
+    return _without_bos(list(tokenizer(text).input_ids), tokenizer)

@@ -112,7 +112,6 @@ ERROR_CASES = [
     ("missing_model", ["no-such-model"]),
     ("no_config", ["config.json"]),
     ("bad_weights", ["bad_weights"]),
-    ("zero_tokens", ["max-new-tokens"]),
 ]
 
 
@@ -135,6 +134,15 @@ def test_user_errors_in_process(files, tiny_dir, capfd, case, words):
     returncode = main(_arguments(case, files, tiny_dir))
     captured = capfd.readouterr()
     _assert_one_error_line(returncode, captured.out, captured.err, words)
+
+
+def test_zero_new_tokens_is_a_usage_error_as_argparse_reports_it(files, tiny_dir, capfd):
+    from llama3vision_min.tools.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(_arguments("zero_tokens", files, tiny_dir))
+    err = capfd.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage:") and "--max-new-tokens: must be at least 1, got 0" in err
 
 
 def test_no_arguments_is_an_argparse_usage_error(runs):

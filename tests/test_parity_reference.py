@@ -7,6 +7,7 @@ independent implementations of the same steps: token split, splice, generation
 
 import ast
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -21,6 +22,7 @@ from llama3vision_min import (
     splice_batch,
     tokenizer_image_token,
 )
+from llama3vision_min.image import to_rgb
 
 from conftest import make_image
 
@@ -159,14 +161,29 @@ def test_pictures_one_or_three_pixels_high_are_read_channels_last(tiny, size):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_answers_match_reference(both_sizes, mode, size):
+    """Same answers from every picture mode. A 16-bit picture is the one we read differently on purpose
+    (scaled to 8 bits, where the original saturates it: see the next test), so the original gets our
+    8-bit reading of it and everything after the conversion must agree."""
     model, tokenizer = both_sizes
     image = make_image(mode, size, seed=len(mode) + size[0])
     assert image.mode == mode
     question = "what is this?"
     ours = model.answer_question(image, question, tokenizer, do_sample=False, max_new_tokens=12)
-    theirs = _reference_answer(model, image, question, tokenizer, do_sample=False, max_new_tokens=12)
+    original_input = to_rgb(image) if mode == "I;16" else image
+    theirs = _reference_answer(model, original_input, question, tokenizer, do_sample=False, max_new_tokens=12)
     assert ours.dim() == 1 and 0 < len(ours) <= 12
     assert torch.equal(ours, theirs), (ours.tolist(), theirs.tolist())
+
+
+def test_16_bit_pictures_are_scaled_where_the_original_saturates_them():
+    """The documented difference: ``convert("RGB")`` clips 16-bit values at 255 (this picture turns almost
+    white), ``to_rgb`` maps 0..65535 onto 0..255 and keeps its contrast."""
+    image = make_image("I;16", (37, 23), seed=3)
+    values = np.asarray(image, dtype=np.float64)
+    original = np.asarray(image.convert("RGB"))
+    ours = np.asarray(to_rgb(image))
+    assert (original == 255).mean() > 0.9 and (ours == 255).mean() < 0.1
+    assert np.abs(ours[..., 0] - np.round(values / 257)).max() <= 1
 
 
 def test_greedy_answers_depend_on_the_image(tiny):

@@ -12,6 +12,14 @@ import tempfile
 from pathlib import Path
 
 
+def _positive_int(text):
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m llama3vision_min.miniature",
                                      description="Train, evaluate and sample the miniature llama-3-vision-alpha.")
@@ -23,51 +31,64 @@ def _parser():
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--ship", action="store_true",
                        help="copy the trained miniature into the package (llama3vision_min/miniature/checkpoint)")
-    train.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    train.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
     train.add_argument("--no-progress", action="store_true")
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type on held-out pictures")
     evaluate.add_argument("--model", default=None, help="a miniature folder (default: the shipped one)")
-    evaluate.add_argument("--n", type=int, default=500, help="number of pictures (default: %(default)s)")
-    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--n", type=_positive_int, default=500, help="number of pictures (default: %(default)s)")
+    evaluate.add_argument("--threads", type=_positive_int, default=2)
     sample = commands.add_parser("sample", help="print one example; optionally save its picture")
     sample.add_argument("seed", type=int)
-    sample.add_argument("--save", default=None)
+    sample.add_argument("--save", default=None, help="a new file for the picture (an existing one is not overwritten)")
     return parser
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
-    if args.command == "sample":
-        from .world import sample
+class CommandError(Exception):
+    """An error with a message meant for the user: one line on stderr, exit status 1."""
 
-        image, question, answer = sample(args.seed)
-        if args.save:
-            image.save(args.save)
-        print(f"{question} -> {answer}")
-        return 0
 
-    import torch
+def sample_command(args):
+    from .world import sample
 
-    torch.set_num_threads(args.threads)
-    if args.command == "eval":
-        from .evaluate import evaluate
-        from .run import CHECKPOINT_DIR, load_mini
+    image, question, answer = sample(args.seed)
+    if args.save:
+        save = Path(args.save)
+        if save.exists():
+            raise CommandError(f"--save {save} exists; choose a new file name")
+        try:
+            image.save(save)
+        except (OSError, ValueError) as error:  # a folder that is not there, an unknown extension
+            raise CommandError(f"could not save the picture to {save}: {error}") from None
+    print(f"{question} -> {answer}")
 
+
+def eval_command(args):
+    from .evaluate import evaluate
+    from .run import CHECKPOINT_DIR, load_mini
+
+    try:
         model, tokenizer = load_mini(args.model or CHECKPOINT_DIR)
-        result = evaluate(model, tokenizer, n=args.n)
-        print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=2))
-        return 0
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error).splitlines()[0]) from None
+    result = evaluate(model, tokenizer, n=args.n)
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=2))
 
+
+def train_command(args):
     from .run import STAGES, train_all
     from .stages import Recipe
 
     if args.ship and (args.quick or args.stage != "all"):
-        print("error: --ship needs a full run (--stage all, without --quick)", file=sys.stderr)
-        return 1
+        raise CommandError("--ship needs a full run (--stage all, without --quick)")
     recipe = Recipe.quick(seed=args.seed) if args.quick else Recipe(seed=args.seed)
     out = Path(args.out or Path(tempfile.gettempdir()) / f"llama3vision_min-miniature{'-quick' if args.quick else ''}")
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file; name a folder")
     stages = STAGES if args.stage == "all" else (args.stage,)
-    report = train_all(recipe, out, stages=stages, ship=args.ship, progress=not args.no_progress)
+    try:
+        report = train_all(recipe, out, stages=stages, ship=args.ship, progress=not args.no_progress)
+    except ValueError as error:  # e.g. a stage whose inputs an earlier stage has not written
+        raise CommandError(str(error).splitlines()[0]) from None
     summary = {stage: {k: v for k, v in report[stage].items() if k in ("stage_seconds", "loss_first", "loss_last",
                                                                       "accuracy", "swapped", "control", "probe")}
                for stage in stages}
@@ -77,6 +98,24 @@ def main(argv=None):
                 result.pop("errors", None)
     print(json.dumps(summary, indent=2))
     print(f"stage outputs and report.json in {out}")
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sample":
+            sample_command(args)
+            return 0
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.command == "eval":
+            eval_command(args)
+        else:
+            train_command(args)
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

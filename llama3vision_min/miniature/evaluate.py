@@ -16,6 +16,8 @@ def evaluate(model, tokenizer, n=500, start=HELD_OUT_START, questions=QUESTIONS,
     Returns ``{"what": acc, "colour": acc, "shape": acc, "count": acc, "all": acc,
     "n_pictures": n, "errors": [(seed, question, expected, got), ...] (the first 20)}``.
     """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a number of pictures >= 1, got {n!r}")
     if start < HELD_OUT_START:
         raise ValueError(f"evaluation pictures must come from held-out seeds (>= {HELD_OUT_START}), got start={start}")
     seeds = list(range(start, start + n))

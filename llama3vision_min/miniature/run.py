@@ -80,9 +80,19 @@ def _size_mb(folder):
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 1e6
 
 
+NEEDS = {"C": ("A", "B"), "D": ("B", "checkpoint")}
+"""The earlier stages' outputs each stage reads from ``out``."""
+
+
 def run_stage(stage, recipe, out, progress=True):
     """Run one stage, reading what it needs from ``out`` and writing its result there."""
     out = Path(out)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    missing = [name for name in NEEDS.get(stage, ()) if not (out / name / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"stage {stage} reads {', '.join(str(out / name) for name in missing)}, which an earlier stage "
+                         "writes: run it first (or --stage all)")
     out.mkdir(parents=True, exist_ok=True)
     report = _report(out)
     report["recipe"] = asdict(recipe)
@@ -117,8 +127,6 @@ def run_stage(stage, recipe, out, progress=True):
         control, control_report = train_language(recipe, tokenizer, progress, seed=recipe.seed + recipe.control_seed_offset)
         result["control_llm"] = control_report
         result["control"] = evaluate(swap_llm(model, control), tokenizer, n=n, start=start, progress=progress)
-    else:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     result["stage_seconds"] = time.perf_counter() - begin
     report[stage] = result
     _save_report(out, report)

@@ -50,7 +50,7 @@ def _parser():
     ask.add_argument("question", help="the question, e.g. 'what is this?'")
     ask.add_argument("--image", required=True, help="path to the picture")
     _model_options(ask)
-    ask.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
     export = commands.add_parser("export", help="write a transformers-native LLaVA folder (see tools/llava_export.py)")
@@ -61,16 +61,30 @@ def _parser():
     return parser
 
 
+def _positive_int(text):
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _open_image(path):
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise CliError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not just warned about
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise CliError(f"refusing {path}: {error}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise CliError(f"not a readable image: {path} ({type(error).__name__})") from None
 
@@ -123,15 +137,20 @@ def _load_model(args):
 def ask(args):
     import torch
 
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        args.question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CliError("the question is not valid UTF-8 text") from None
     image = _open_image(args.image)
     model, tokenizer = _load_model(args)
     torch.manual_seed(args.seed)
     kwargs = {"max_new_tokens": args.max_new_tokens}
     if args.greedy:
         kwargs["do_sample"] = False
-    ids = model.answer_question(image, args.question, tokenizer, **kwargs)
+    try:
+        ids = model.answer_question(image, args.question, tokenizer, **kwargs)
+    except ValueError as error:  # the picture or the prompt refused by the model, with the reason
+        raise CliError(str(error).splitlines()[0]) from None
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that cannot show a character
     print(tokenizer.decode(ids, skip_special_tokens=True).strip())
@@ -141,13 +160,13 @@ def export(args):
     from .llava_export import export_llava
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise CliError(f"--out {out} exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CliError(f"--out {out} exists and {'is not empty' if out.is_dir() else 'is a file'}; choose a new folder")
     model, tokenizer = _load_model(args)
     try:
         export_llava(model, tokenizer, out, vllm_names=args.vllm_names)
-    except ValueError as error:
-        raise CliError(str(error).splitlines()[0]) from None
+    except (ValueError, OSError) as error:
+        raise CliError(f"could not export to {out}: {str(error).splitlines()[0]}") from None
     print(out)
 
 

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from ..constants import EOT_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER
-from ..prompt import build_prompt
-from ..token_split import continuation_ids, tokenizer_image_token
+from ..prompt import chat_segments
+from ..token_split import prompt_ids
 
 
 def caption_example(conversation):
@@ -28,38 +28,64 @@ def caption_example(conversation):
     The human turn holds the ``<image>`` placeholder and an instruction; our prompt format
     always puts the picture first (``build_prompt``), so the placeholder is removed here.
     """
+    if not isinstance(conversation, list) or not all(isinstance(turn, dict) for turn in conversation):
+        raise ValueError(f"expected 'conversations' to be a list of turns ({{'from': ..., 'value': ...}}), "
+                         f"got {conversation!r:.80}")
     if len(conversation) != 2 or conversation[0].get("from") != "human" or conversation[1].get("from") != "gpt":
         raise ValueError(f"expected a human turn then a gpt turn, got {[turn.get('from') for turn in conversation]}")
+    if not all(isinstance(turn.get("value"), str) for turn in conversation):
+        raise ValueError("expected each turn's 'value' to be text")
     question = conversation[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
     return question, conversation[1]["value"].strip()
 
 
 class LlavaPretrain(torch.utils.data.Dataset):
-    """LLaVA-Pretrain's JSON and picture folder as a dataset of ``{"image", "question", "answer"}``."""
+    """LLaVA-Pretrain's JSON and picture folder as a dataset of ``{"image", "question", "answer"}``.
+
+    Every entry is checked when the dataset is made -- its fields, its conversation, a picture
+    path inside the folder that names a file -- so a bad entry stops the run before training, not
+    hours into it; the error names the file and the entry.
+    """
 
     def __init__(self, json_path, image_folder, limit=None):
-        self.image_folder = Path(image_folder)
-        entries = json.loads(Path(json_path).read_text())
+        json_path, self.image_folder = Path(json_path), Path(image_folder)
+        try:
+            entries = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{json_path} is not a readable JSON file: {error}") from None
         if not isinstance(entries, list):
             raise ValueError(f"expected a JSON list of examples in {json_path}, got {type(entries).__name__}")
-        self.entries = entries[:limit] if limit else entries
-        for entry in self.entries[:1]:  # fail on a wrong file before any training starts
-            self._load(entry)
+        entries = entries[:limit] if limit else entries
+        if not entries:
+            raise ValueError(f"{json_path} holds no examples")
+        self.examples = []
+        for index, entry in enumerate(entries):
+            try:
+                self.examples.append(self._check(entry))
+            except ValueError as error:
+                raise ValueError(f"{json_path}, example {index}: {error}") from None
+
+    def _check(self, entry):
+        """``(picture path, question, answer)`` of one entry, or a ValueError that says what is wrong."""
+        if not isinstance(entry, dict) or "image" not in entry or "conversations" not in entry:
+            raise ValueError(f"expected an object with 'image' and 'conversations', got {entry!r:.80}")
+        question, answer = caption_example(entry["conversations"])
+        name = entry["image"]
+        path = self.image_folder / name if isinstance(name, str) else None
+        if path is None or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"expected a picture path inside {self.image_folder}, got {name!r}")
+        if not path.is_file():
+            raise ValueError(f"picture {name!r} not found in {self.image_folder}")
+        return path, question, answer
 
     def __len__(self):
-        return len(self.entries)
-
-    def _load(self, entry):
-        if "image" not in entry or "conversations" not in entry:
-            raise ValueError(f"expected 'image' and 'conversations' in every example, got keys {sorted(entry)}")
-        question, answer = caption_example(entry["conversations"])
-        path = self.image_folder / entry["image"]
-        if not path.is_file():
-            raise ValueError(f"picture {entry['image']!r} not found in {self.image_folder}")
-        return {"image": Image.open(path).convert("RGB"), "question": question, "answer": answer}
+        return len(self.examples)
 
     def __getitem__(self, index):
-        return self._load(self.entries[index])
+        path, question, answer = self.examples[index]
+        with Image.open(path) as image:
+            image.load()
+            return {"image": image.copy(), "question": question, "answer": answer}
 
 
 def example_ids(question, answer, tokenizer):
@@ -68,9 +94,10 @@ def example_ids(question, answer, tokenizer):
     Labels are ``IGNORE_INDEX`` on the prompt, so the loss is on the answer (and the end of
     turn, so the model learns to stop). The answer is tokenized apart from the prompt, the
     way generation sees it: the prompt ends with the assistant header, the answer follows.
+    Question and caption are read as text, special-token strings included (``token_split.prompt_ids``).
     """
-    prompt = tokenizer_image_token(build_prompt(question), tokenizer)  # (L_prompt,) with one -200
-    answer_ids = torch.tensor(continuation_ids(answer + EOT_TOKEN, tokenizer))  # (L_answer,)
+    prompt = prompt_ids(chat_segments([(question, None)]), tokenizer)  # (L_prompt,) with one -200
+    answer_ids = prompt_ids([("text", answer), ("template", EOT_TOKEN)], tokenizer, continuation=True)  # (L_answer,)
     input_ids = torch.cat([prompt, answer_ids])
     labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer_ids])
     return input_ids, labels

@@ -113,6 +113,16 @@ def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_
 
 
 # -- command line --------------------------------------------------------------------------------
+def _positive(kind):
+    """argparse type: a number of ``kind`` above zero."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llama3vision_min.training.stage1", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json)")
@@ -121,13 +131,13 @@ def parse_args(argv=None):
     parser.add_argument("--llm", default="unsloth/llama-3-8b-Instruct",
                         help="the frozen LLM (default: %(default)s, an ungated copy of Meta-Llama-3-8B-Instruct)")
     parser.add_argument("--vision", default="google/siglip-so400m-patch14-384")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--global-batch", type=int, default=256)
-    parser.add_argument("--per-device-batch", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=_positive(float), default=1e-3)
+    parser.add_argument("--global-batch", type=_positive(int), default=256)
+    parser.add_argument("--per-device-batch", type=_positive(int), default=16)
+    parser.add_argument("--epochs", type=_positive(int), default=1)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many updates (trial runs)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    parser.add_argument("--max-steps", type=_positive(int), default=None, help="stop after this many updates (trial runs)")
+    parser.add_argument("--limit", type=_positive(int), default=None, help="use only the first N examples")
     parser.add_argument("--load-in-4bit", action="store_true", help="the frozen LLM in 4-bit (bitsandbytes)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -155,6 +165,13 @@ def main(argv=None):
 
     args = parse_args(argv)
     try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; name a folder")
+        if (out / "mm_projector.safetensors").exists():
+            raise ValueError(f"--out {out} already holds mm_projector.safetensors; choose a new folder")
+        if not 0 <= args.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must lie in [0, 1), got {args.warmup_ratio}")
         dataset = LlavaPretrain(args.data, args.images, limit=args.limit)
         state = PartialState()
         dtype, mixed_precision = precision(state.device)
