@@ -11,9 +11,10 @@ The model is the files of this folder, read in this order (each names the offici
 7. ``model.py``       -- ``LlamaVision``: forward, ``answer_question``, loading
 8. ``loading.py``     -- both checkpoint forms, safely
 
-(``constants.py`` names -200, -100 and ``<|eot_id|>``.) The subfolders are the workshop around the model:
-``tools/`` (command line, LLaVA export, notebook helpers), ``training/`` (the real-scale stage-1
-trainer) and ``miniature/`` (the tiny random stand-ins and the miniature trained offline). The
+(``constants.py`` names -200, -100 and ``<|eot_id|>``.) ``scratch/`` writes both towers out in plain
+PyTorch (SigLIP and Llama 3, ``implementation="scratch"``). The other subfolders are the workshop around
+the model: ``tools/`` (command line, LLaVA export, notebook helpers), ``training/`` (the real-scale
+stage-1 trainer) and ``miniature/`` (the tiny random stand-ins and the miniature trained offline). The
 original algorithm, transcribed, is ``llama3vision_original.py`` next to this folder.
 """
 
@@ -28,11 +29,15 @@ from .token_split import tokenizer_image_token
 __version__ = "0.1.0"
 
 
-def load_mini(path=None):
-    """The shipped miniature ``(LlamaVision, tokenizer)`` (see ``llama3vision_min.miniature``); no network."""
+def load_mini(path=None, implementation="transformers"):
+    """The shipped miniature ``(LlamaVision, tokenizer)`` (see ``llama3vision_min.miniature``); no network.
+
+    ``implementation="scratch"`` gives it the from-scratch towers of ``llama3vision_min.scratch``.
+    """
+    from .miniature import CHECKPOINT_DIR
     from .miniature import load_mini as load
 
-    return load() if path is None else load(path)
+    return load(path or CHECKPOINT_DIR, implementation=implementation)
 
 
 __all__ = [

@@ -321,7 +321,7 @@ def _route_key(key):
 
     SigLIP keys come back flat (``embeddings.patch_embedding.weight``): transformers 4.x
     nests them under ``vision_model.`` and 5.x does not, so the nesting is decided
-    later by the module that receives them (``_fit_siglip_keys``).
+    later by the module that receives them (``fit_siglip_keys``).
     """
     for prefix in PREFIXES:
         if key.startswith(prefix):
@@ -334,7 +334,7 @@ def _route_key(key):
     return None
 
 
-def _fit_siglip_keys(state, vision_model):
+def fit_siglip_keys(state, vision_model):
     """Add the nested ``vision_model.`` to flat SigLIP keys when this transformers version expects it."""
     nested = any(key.startswith("vision_model.") for key in vision_model.state_dict())
     return {("vision_model." + key if nested else key): tensor for key, tensor in state.items()}
@@ -370,26 +370,36 @@ def _fill(name, module, state, folder, allow_missing=()):
     return module
 
 
-def _vision_tower(vision_config, state, folder):
-    """A ``SiglipVisionModel`` filled with ``state`` (flat keys); without the pooling head if the file has none
-    (it is not used: the features come from ``hidden_states[-2]``)."""
+def _vision_tower(vision_config, state, folder, implementation="transformers"):
+    """A SigLIP vision tower filled with ``state`` (flat keys); without the pooling head if the file has none
+    or the tower is ours (it is not used: the features come from ``hidden_states[-2]``)."""
     from accelerate import init_empty_weights
     from transformers import SiglipVisionModel
 
+    from .scratch.siglip import SiglipVisionTower
+
+    if implementation == "scratch":
+        state = {key: tensor for key, tensor in state.items() if not key.startswith("head.")}
     if not any(key.startswith("head.") for key in state):
         vision_config.vision_use_head = False
     with init_empty_weights():  # parameters on the meta device: nothing is allocated twice
-        tower = SiglipVisionModel(vision_config)
-    return _fill("vision_model", tower, _fit_siglip_keys(state, tower), folder)
+        tower = SiglipVisionTower(vision_config) if implementation == "scratch" else SiglipVisionModel(vision_config)
+    return _fill("vision_model", tower, fit_siglip_keys(state, tower), folder)
 
 
-def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
+def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None, implementation="transformers"):
     """Build the three parts with empty weights, then fill them from the safetensors shards.
 
-    ``device`` defaults to the GPU when there is one; ``dtype`` to ``choose_dtype``'s choice.
+    ``device`` defaults to the GPU when there is one; ``dtype`` to ``choose_dtype``'s choice;
+    ``implementation="scratch"`` builds the towers of ``scratch/`` (the same state dicts fit).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
+    from .scratch.llama import LlamaLM
+    from .scratch.weights import check_implementation
+
+    check_implementation(implementation)
 
     folder = _resolve_folder(path_or_hub_id, ["*.json", "*.jinja", "*.safetensors", "tokenizer*"])
     text_config, vision_config = _sub_configs(_read_config(folder))
@@ -399,7 +409,8 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
     states = {part: states.get(part, {}) for part in ("text_model", "vision_model", "mm_projector")}
 
     with init_empty_weights():
-        text_model = AutoModelForCausalLM.from_config(text_config)
+        scratch = implementation == "scratch" and text_config.model_type == "llama"
+        text_model = LlamaLM(text_config) if scratch else AutoModelForCausalLM.from_config(text_config)
         mm_projector = ProjectionModule(vision_config.hidden_size, text_config.hidden_size)
     tied = ("lm_head.weight",) if text_config.tie_word_embeddings else ()
     text_model = _fill("text_model", text_model, states["text_model"], folder, allow_missing=tied)
@@ -407,7 +418,7 @@ def load_hf_layout(cls, path_or_hub_id, dtype=None, device=None):
         text_model.tie_weights()
     parts = {
         "text_model": reset_generation_config(text_model),
-        "vision_model": _vision_tower(vision_config, states["vision_model"], folder),
+        "vision_model": _vision_tower(vision_config, states["vision_model"], folder, implementation),
         "mm_projector": _fill("mm_projector", mm_projector, states["mm_projector"], folder),
     }
     device = choose_device(device)
@@ -526,18 +537,23 @@ def _config_dtype(config):
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
-def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
+def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False,
+                    implementation="transformers"):
     """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision``.
 
     ``device`` defaults to the GPU when there is one, ``dtype`` to ``choose_dtype``'s choice for the
     LLM's stored dtype, for all three parts (one dtype, as in the original). ``load_in_4bit`` / ``load_in_8bit`` quantise the LLM with bitsandbytes (on a GPU, or on a
     CPU with bitsandbytes >= 0.49). ``projector=None`` starts a fresh, untrained projector of the
-    right shape (for stage-1 training).
+    right shape (for stage-1 training). ``implementation="scratch"``: transformers loads the files (and
+    quantises), then ``scratch/`` towers take over its modules and tensors.
     """
     import importlib.util
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .scratch.weights import check_implementation, llm_from_transformers, vision_from_transformers
+
+    check_implementation(implementation)
     device = choose_device(device)
     dtype = dtype or choose_dtype(device, _config_dtype(AutoConfig.from_pretrained(llm)))
     llm_kwargs = {"dtype": dtype}
@@ -565,6 +581,8 @@ def load_alpha_form(cls, llm, vision, projector, dtype=None, device=None, load_i
         raise ValueError(f"the projector gives {projector_module.hidden_size}-wide vectors but the LLM "
                          f"embeds in {text_model.config.hidden_size}")
 
+    if implementation == "scratch":
+        text_model, vision_model = llm_from_transformers(text_model), vision_from_transformers(vision_model)
     model = cls(vision_model=vision_model, text_model=text_model, mm_projector=projector_module)
     if not quantized:
         model.text_model.to(device=device)

@@ -164,23 +164,25 @@ class LlamaVision(nn.Module):
 
     # -- loading and saving (the code lives in loading.py) ---------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, dtype=None, device=None):
+    def from_pretrained(cls, path_or_hub_id, dtype=None, device=None, implementation="transformers"):
         """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id).
 
         By default on the GPU when there is one, in float16 there; on a CPU in bfloat16 where it computes it,
-        else float32 (``loading.choose_dtype``).
+        else float32 (``loading.choose_dtype``). ``implementation="scratch"``: the towers are ``scratch/``'s.
         """
-        return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device)
+        return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device, implementation=implementation)
 
     @classmethod
-    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False):
+    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False,
+                   implementation="transformers"):
         """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
 
         Swapping the LLM is changing ``llm``: the projector is reused as it is. Device and dtype as for
         ``from_pretrained``; ``load_in_4bit`` quantises the LLM (bitsandbytes, on a GPU or a CPU).
         """
         return loading.load_alpha_form(cls, llm, vision, projector, dtype=dtype, device=device,
-                                       load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+                                       load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                       implementation=implementation)
 
     def save_pretrained(self, path):
         """Write this model in the ``-hf`` layout that ``from_pretrained`` reads."""

@@ -32,12 +32,16 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 STAGES = ("A", "B", "C", "D")
 
 
-def load_mini(path=CHECKPOINT_DIR):
-    """The shipped miniature: ``(LlamaVision, tokenizer)``, float32, on the CPU, no network."""
+def load_mini(path=CHECKPOINT_DIR, implementation="transformers"):
+    """The shipped miniature: ``(LlamaVision, tokenizer)``, float32, on the CPU, no network.
+
+    ``implementation="scratch"``: with the from-scratch towers of ``llama3vision_min.scratch``.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"no miniature in {path}; train one with `python -m llama3vision_min.miniature train --ship`")
-    return LlamaVision.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
+    model = LlamaVision.from_pretrained(path, dtype=torch.float32, device="cpu", implementation=implementation)
+    return model, load_tokenizer(path)
 
 
 def _report(out):

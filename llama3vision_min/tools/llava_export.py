@@ -45,7 +45,7 @@ import torch
 from ..constants import DEFAULT_TEMPERATURE, EOT_TOKEN
 from ..generation import stop_token_ids
 from ..image import make_processor
-from ..loading import save_state_dict, with_legacy_rope
+from ..loading import fit_siglip_keys, save_state_dict, with_legacy_rope
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it too)."""
@@ -189,7 +189,7 @@ def to_llava(model, tokenizer, image_token=IMAGE_TOKEN):
     vision = _child(llava, "model.vision_tower", "vision_tower")
     projector = _child(llava, "model.multi_modal_projector", "multi_modal_projector")
     decoder = _child(llava, "model.language_model", "language_model.model", "language_model")
-    vision.load_state_dict(model.vision_model.state_dict(), strict=True, assign=True)
+    vision.load_state_dict(fit_siglip_keys(_siglip_state(model), vision), strict=True, assign=True)
     projector.load_state_dict(_projector_state(model), strict=True, assign=True)
     decoder.load_state_dict(model.text_model.get_decoder().state_dict(), strict=True, assign=True)
     if config.tie_word_embeddings:

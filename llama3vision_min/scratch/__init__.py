@@ -1,0 +1,13 @@
+"""Both towers written out in plain PyTorch, running the official weights: ``implementation="scratch"``.
+
+* ``siglip.py``  -- SigLIP's vision encoder: patch embedding, position embedding, pre-norm encoder layers,
+  every layer's hidden state (``hidden_states[-2]`` is what the model reads)
+* ``llama.py``   -- Llama 3's decoder: RMSNorm, rotary positions (Llama 3.1's scaling too), grouped-query
+  attention with a KV cache, SwiGLU, the output head
+* ``weights.py`` -- the same weights into them: from a checkpoint, or around transformers' loaded modules
+
+``LlamaVision.from_pretrained(path, implementation="scratch")``, ``LlamaVision.from_alpha(...,
+implementation="scratch")`` and ``llama3vision_min.load_mini(implementation="scratch")`` give a model whose
+towers are these; everything else (prompt, splice, projector, generation) is the same code. What still
+comes from transformers: the tokenizer, the image processor and ``generate``'s loop (with its cache class).
+"""
