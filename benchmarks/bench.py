@@ -6,7 +6,8 @@ machine shared with other work shifts both sides alike. Rows per size:
 
 * forward (full logits) and greedy generation of N tokens: ours vs ``LlavaForConditionalGeneration``
   (the same tensors, shared, via ``llava_export.to_llava``) and vs the literal original
-  (``llama3vision_original.py``);
+  (``llama3vision_original.py``); and our from-scratch towers (``implementation="scratch"``, the same
+  tensors again) vs ours on transformers' towers;
 * batched ``answer_questions`` on P pictures vs P sequential ``answer_question`` calls;
 * a follow-up chat turn that reuses the KV cache of the picture and the history (``CachedChat``)
   vs the original's way (re-encode the whole text history, without the picture) and vs
@@ -45,6 +46,7 @@ from llama3vision_min.image import vision_features
 from llama3vision_min.miniature.stand_ins import random_parts
 from llama3vision_min.model import LlamaVision
 from llama3vision_min.prompt import assistant_turn, build_prompt
+from llama3vision_min.scratch.weights import llm_from_transformers, vision_from_transformers
 from llama3vision_min.token_split import tokenizer_image_token
 from llama3vision_min.tools.llava_export import llava_processor, to_llava
 
@@ -56,14 +58,15 @@ SETTINGS = {
     # threads: torch threads (small sizes: one, so small ops never wait on a busy core; real: all cores)
     "tiny": dict(repeats=7, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32, threads=1),
     "medium": dict(repeats=5, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32, threads=1),
-    # A few minutes on 2 free cores: one timed run per path, 2 pictures of 8 tokens for the batch row, no
+    # About 5 minutes on 2 free cores: a warm-up and three timed runs per path (a single run let the first
+    # path pay a first-call cost: 20 % on the forward), 2 pictures of 8 tokens for the batch row, no
     # training row (a step is a forward and a backward over 729 rows and a 128256-wide head: minutes).
     # float32: on CPUs bfloat16 matmuls of a few rows fall to a slow path (a 40-token prefill took 10x longer).
-    "real": dict(repeats=1, warmup=0, pictures=2, new_tokens=32, batch_new_tokens=8, train_batch=None,
+    "real": dict(repeats=3, warmup=1, pictures=2, new_tokens=32, batch_new_tokens=8, train_batch=None,
                  dtype=torch.float32, threads=os.cpu_count()),
 }
 QUICK = dict(repeats=2, warmup=1, pictures=4, new_tokens=8, batch_new_tokens=8, train_batch=2)
-"""``--quick``: a smoke run (real geometry keeps one run per path and no warm-up)."""
+"""``--quick``: a smoke run (real geometry: one run per path, no warm-up)."""
 
 
 # -- building the models ---------------------------------------------------------------------
@@ -185,14 +188,17 @@ def bench_size(size, quick=False, log=print):
     """All rows for one size."""
     settings = dict(SETTINGS[size])
     if quick:
-        # real geometry keeps one run per path, no warm-up and no training row
-        settings.update({k: v for k, v in QUICK.items() if size != "real" or k in ("new_tokens", "batch_new_tokens")})
+        # real geometry: one run per path, no warm-up, and still no training row
+        settings.update(QUICK if size != "real" else dict(repeats=1, warmup=0, new_tokens=QUICK["new_tokens"],
+                                                          batch_new_tokens=QUICK["batch_new_tokens"]))
     repeats, warmup = settings["repeats"], settings["warmup"]
     n_new, n_pictures = settings["new_tokens"], settings["pictures"]
     batch_new = settings.get("batch_new_tokens", n_new)
     log(f"[{size}] building ...")
     model, tokenizer = build(size)
     llava = to_llava(model, tokenizer)  # shares every tensor with `model`: identical weights, no copy
+    scratch = LlamaVision(vision_from_transformers(model.vision_model), llm_from_transformers(model.text_model),
+                          model.mm_projector).eval()  # our from-scratch towers, the same tensors again
     processor = llava_processor(model, tokenizer)
     images = pictures(max(n_pictures, settings["train_batch"] or 0))
     image = images[0]
@@ -208,9 +214,9 @@ def bench_size(size, quick=False, log=print):
     llava_inputs = {k: v for k, v in llava_inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     llava_inputs["pixel_values"] = llava_inputs["pixel_values"].to(model.vision_model.dtype)
 
-    def ours_forward():
+    def ours_forward(which=model):
         with torch.inference_mode():
-            return model(input_ids=ids.unsqueeze(0), pixel_values=pixel_values).logits
+            return which(input_ids=ids.unsqueeze(0), pixel_values=pixel_values).logits
 
     def llava_forward():
         with torch.inference_mode():
@@ -224,15 +230,18 @@ def bench_size(size, quick=False, log=print):
                                                      model.text_model.get_input_embeddings())
             return model.text_model(inputs_embeds=embeds, attention_mask=mask).logits
 
-    paths = {"ours": ours_forward, "LLaVA": llava_forward, "original": original_forward}
+    paths = {"ours": ours_forward, "LLaVA": llava_forward, "original": original_forward,
+             "scratch": lambda: ours_forward(scratch)}
     log(f"[{size}] forward ...")
     times, peaks = compare(paths, repeats, warmup)
     rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
     rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "original", "time ours/other"))
+    rows.append(_row(size, "forward (full logits)", times, peaks, "scratch", "ours", "time scratch/transformers",
+                     "<= 1.25"))
 
     # greedy generation of n_new tokens, from picture and question (tokenization and pixels included)
-    def ours_generate():
-        return model.answer_question(image, QUESTION, tokenizer, **fixed)
+    def ours_generate(which=model):
+        return which.answer_question(image, QUESTION, tokenizer, **fixed)
 
     def llava_generate():
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -249,12 +258,14 @@ def bench_size(size, quick=False, log=print):
                                          text_model=model.text_model, mm_projector=model.mm_projector,
                                          processor=model.processor, image_size=model.image_size, **fixed)
 
-    paths = {"ours": ours_generate, "LLaVA": llava_generate, "original": original_generate}
+    paths = {"ours": ours_generate, "LLaVA": llava_generate, "original": original_generate,
+             "scratch": lambda: ours_generate(scratch)}
     log(f"[{size}] generate ...")
     times, peaks = compare(paths, repeats, warmup)
     label = f"greedy generation, {n_new} tokens"
     rows.append(_row(size, label, times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
     rows.append(_row(size, label, times, peaks, "ours", "original", "time ours/other"))
+    rows.append(_row(size, label, times, peaks, "scratch", "ours", "time scratch/transformers", "<= 1.25"))
 
     # batched answer_questions vs sequential answer_question
     batch_images = images[:n_pictures]

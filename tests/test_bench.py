@@ -13,8 +13,10 @@ from bench import PeakMemory, main
 EXPECTED_ROWS = [
     ("forward (full logits)", "ours", "LLaVA"),
     ("forward (full logits)", "ours", "original"),
+    ("forward (full logits)", "scratch", "ours"),
     ("greedy generation, 8 tokens", "ours", "LLaVA"),
     ("greedy generation, 8 tokens", "ours", "original"),
+    ("greedy generation, 8 tokens", "scratch", "ours"),
     ("4 pictures x 8 tokens", "batched", "sequential"),
     ("chat follow-up turn, 8 tokens", "cached", "original"),
     ("chat follow-up turn, 8 tokens", "cached", "re-encode all"),

@@ -187,6 +187,27 @@ def run_lengths(row):
     return " ".join(f"{value}x{count}" for value, count in out)
 
 
+# -- 08: inside the towers ------------------------------------------------------------------------
+def show_rope(angles, n_positions=64):
+    """RoPE's rotation angles: position by frequency pair (wrapped to -pi..pi), and a few pairs' cosines."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), layout="constrained")
+    wrapped = wrap_angles(angles[:n_positions])
+    shown = axes[0].imshow(wrapped.T.numpy(), aspect="auto", cmap="twilight", vmin=-np.pi, vmax=np.pi)
+    axes[0].set(xlabel="position", ylabel="frequency pair (fast -> slow)", title="rotation angle of each pair")
+    fig.colorbar(shown, ax=axes[0], fraction=0.046)
+    pairs = [0, angles.shape[1] // 4, angles.shape[1] // 2, angles.shape[1] - 1]
+    for pair in pairs:
+        axes[1].plot(np.cos(angles[:n_positions, pair].numpy()), label=f"pair {pair}")
+    axes[1].set(xlabel="position", ylabel="cos(angle)", title="fast pairs turn quickly, slow pairs barely")
+    axes[1].legend(fontsize=8)
+    plt.show()
+
+
+def wrap_angles(angles):
+    """Angles wrapped into -pi..pi."""
+    return (angles + np.pi) % (2 * np.pi) - np.pi
+
+
 # -- 07: a live loss curve ----------------------------------------------------------------------
 class LiveLoss:
     """Redraws the loss curve every ``every`` steps; pass it as ``on_step(step, losses)`` to a trainer."""
