@@ -292,7 +292,7 @@ def test_the_scratch_forward_runs_over_4bit_projections(fake_hub):
 @pytest.mark.slow
 def test_real_geometry(tmp_path):
     """SigLIP so400m's geometry with 2 layers, Llama 3 at 4096 wide with 2 layers (GQA 32/8), random
-    float32 weights: logits within 1e-5, every layer compared."""
+    float32 weights: logits within 1e-5, every layer of both towers compared."""
     geometry = dataclasses.replace(SIZES["real"], vision_layers=2, text_layers=2, vocab_size=None)
     vision, text, projector, tokenizer = random_parts(geometry, seed=0, dtype=torch.float32)
     theirs = LlamaVision(vision_model=vision, text_model=text, mm_projector=projector).eval()
@@ -303,6 +303,9 @@ def test_real_geometry(tmp_path):
         states = [m.vision_model(pixels, output_hidden_states=True).hidden_states for m in (theirs, ours)]
         logits = [m(input_ids=ids, pixel_values=pixels).logits for m in (theirs, ours)]
     assert states[0][-2].shape == (1, 729, 1152) and first_difference(*states) is None
+    embeds = torch.randn(1, 9, 4096, generator=torch.Generator().manual_seed(0))
+    layers = [llm_layer_outputs(m.text_model, embeds) for m in (theirs, ours)]
+    assert len(layers[1]) == 2 and first_difference(*layers) is None
     difference = (logits[0] - logits[1]).abs().max().item()
     print(f"\n[scratch parity, real geometry] max |logit difference| = {difference:.2e}")
     assert logits[0].shape[1] == ids.shape[1] - 1 + 729 and difference <= TOLERANCE
