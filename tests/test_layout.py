@@ -32,6 +32,11 @@ def test_the_top_level_holds_the_model_and_nothing_else():
     assert {"tools", "training", "miniature"} <= {path.name for path in PACKAGE.iterdir() if path.is_dir()}
 
 
+def test_the_from_scratch_towers_stay_under_250_lines_a_file():
+    for path in sorted((PACKAGE / "scratch").glob("*.py")):
+        assert lines(path) < 250, f"{path.name}: {lines(path)} lines"
+
+
 def test_the_readme_names_the_models_files_and_their_size():
     """The first screen's sentence lists exactly the top-level modules and says how long they are."""
     sentence = next(line for line in README.splitlines() if line.startswith("The model is the"))

@@ -101,6 +101,28 @@ def test_every_layer_is_equal_one_by_one(pair):
     assert first_difference(expected, got) is None
 
 
+def test_attention_weights_and_hidden_states_are_returned_as_transformers_returns_them(pair):
+    """``output_attentions`` / ``output_hidden_states`` (what ``llama3vision_min.lens`` reads): our weights are
+    written out by hand, transformers' come from its eager attention."""
+    from llama3vision_min.lens.attention import eager_attention
+
+    theirs, ours, tokenizer = pair
+    ids, pixels = _inputs(theirs, tokenizer)
+    batch = theirs.splice(ids, theirs.encode_images(pixels))
+    outputs = []
+    for model in (theirs, ours):
+        with eager_attention(model.text_model), torch.no_grad():
+            outputs.append(model.text_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                            output_attentions=True, output_hidden_states=True))
+    expected, got = outputs
+    layers = theirs.text_model.config.num_hidden_layers
+    assert len(got.attentions) == len(expected.attentions) == layers
+    assert len(got.hidden_states) == len(expected.hidden_states) == layers + 1
+    assert first_difference(expected.attentions, got.attentions) is None
+    assert first_difference(expected.hidden_states, got.hidden_states) is None
+    assert torch.allclose(got.attentions[0].sum(-1), torch.ones(1))  # rows of weights
+
+
 def test_the_layer_comparison_names_the_first_layer_that_differs(tiny_dir, small_dir):
     theirs, ours, _ = _pair("small", tiny_dir, small_dir)
     with torch.no_grad():

@@ -188,16 +188,27 @@ def _outline(shape, x, y, r):
 def render(scene):
     """Draw a scene: an RGB ``PIL.Image`` of IMAGE_SIZE x IMAGE_SIZE."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+    _draw_objects(image, scene, fill=lambda obj: obj.rgb)
+    return image
+
+
+def object_mask(scene):
+    """Where the objects are: an IMAGE_SIZE x IMAGE_SIZE ``PIL.Image`` of mode "1", true on an object."""
+    mask = Image.new("1", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_objects(mask, scene, fill=lambda obj: 1)
+    return mask
+
+
+def _draw_objects(image, scene, fill):
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         outline = _outline(scene.shape, obj.x, obj.y, obj.radius)
         if scene.shape == "circle":
-            draw.ellipse(outline, fill=obj.rgb)
+            draw.ellipse(outline, fill=fill(obj))
         elif scene.shape == "square":
-            draw.rectangle(outline, fill=obj.rgb)
+            draw.rectangle(outline, fill=fill(obj))
         else:
-            draw.polygon(outline, fill=obj.rgb)
-    return image
+            draw.polygon(outline, fill=fill(obj))
 
 
 def sample(seed):

@@ -10,10 +10,9 @@ LayerNorm, rotary position embeddings (RoPE) instead of learned positions, and g
 generation runs only the new token through the model.
 
 The parameters carry transformers' names (``model.layers.N.self_attn.q_proj``, ``lm_head``, ...), so the
-same state dicts load into either, and any module with a ``forward(x)`` can serve as a projection --
-bitsandbytes' 4-bit ``Linear4bit`` too (``weights.llm_from_transformers``). ``LlamaLM`` is a transformers
-``PreTrainedModel`` with ``GenerationMixin`` only so that transformers' ``generate`` loop (sampling,
-stopping, streaming) and ``DynamicCache`` drive it; every computation of the forward pass is here.
+same state dicts load into either, and any module with a ``forward(x)`` serves as a projection -- a 4-bit
+``Linear4bit`` too. ``LlamaLM`` is a ``PreTrainedModel`` with ``GenerationMixin`` only so that transformers'
+``generate`` loop and ``DynamicCache`` drive it; every computation of the forward pass is here.
 Written from the Llama 3 paper (arXiv 2407.21783), RoFormer (arXiv 2104.09864), GQA (arXiv 2305.13245),
 GLU variants (arXiv 2002.05202), RMSNorm (arXiv 1910.07467) and Meta's published configurations.
 """
@@ -24,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..constants import IGNORE_INDEX
@@ -54,10 +53,9 @@ class RMSNorm(nn.Module):
 def rope_frequencies(config):
     """One rotation frequency per pair of dimensions of a head: theta ** (-2i / head_dim).
 
-    Llama 3 uses theta = 500000 (Llama 2: 10000): slower rotations, so positions far apart stay
-    distinguishable over a long context. Llama 3.1 (``rope_type`` "llama3") slows the low frequencies
-    further by ``factor`` and blends smoothly between ``low_freq_factor`` and ``high_freq_factor``,
-    stretching an 8192-token training context to 128k.
+    Llama 3 uses theta = 500000 (Llama 2: 10000): slower rotations, so far-apart positions stay distinct
+    over a long context. Llama 3.1 (``rope_type`` "llama3") slows the low frequencies further by ``factor``,
+    blending between ``low_freq_factor`` and ``high_freq_factor``: an 8192-token context stretched to 128k.
     """
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
@@ -104,7 +102,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, output_attentions=False):
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (b, 32, T, 128)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, 8, T, 128)
@@ -114,8 +112,12 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_index)  # (b, 8, past + T, 128)
         group = self.n_heads // self.n_kv_heads  # each key/value head serves 4 query heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (b, 32, past + T, 128)
+        if output_attentions:  # the same, written out, to return the weights themselves (llama3vision_min.lens)
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # (b, 32, T, past + T)
+            return self.o_proj((weights @ v).transpose(1, 2).reshape(batch, length, -1)), weights
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, 32, T, 128)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
 
 
 class SwiGLU(nn.Module):
@@ -141,18 +143,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, output_attentions=False):
+        attended, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_attentions)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), weights
 
 
 def causal_mask(attention_mask, length, past, device):
-    """(batch, 1, length, past + length) booleans: a position sees itself, earlier positions, no padding.
-
-    ``attention_mask`` is (batch, past + length) with 0 on padding (or None: no padding). A padding
-    row that would see nothing sees everything instead: its output is never read, and an all-masked
-    row would give NaN, which would then leak into the real rows through the values.
-    """
+    """(batch, 1, length, past + length) booleans: a position sees itself, earlier positions, no padding
+    (``attention_mask``: (batch, past + length), 0 on padding, or None). A padding row that would see
+    nothing sees everything instead: its output is never read, and an all-masked row would give NaN."""
     total = past + length
     query = torch.arange(past, total, device=device)[:, None]  # (length, 1): the new positions
     allowed = torch.arange(total, device=device)[None, :] <= query  # (length, total): causal
@@ -174,7 +174,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
-                **kwargs):
+                output_attentions=False, output_hidden_states=False, **kwargs):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (b, T, width)
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:  # 0, 1, 2, ... after what the cache holds
@@ -183,9 +183,14 @@ class Decoder(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, T, head_dim): one angle per pair, twice
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = causal_mask(attention_mask, x.shape[1], past, x.device)
+        states, attentions = [x], []  # as transformers returns them: the input, each layer's output, ...
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache})
+            x, weights = layer(x, cos, sin, mask, cache, output_attentions)
+            states, attentions = states + [x], attentions + [weights]
+        x = self.norm(x)  # ... and the last one after the final norm
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
+                                       hidden_states=(*states[:-1], x) if output_hidden_states else None,
+                                       attentions=tuple(attentions) if output_attentions else None)
 
 
 class LlamaLM(PreTrainedModel, GenerationMixin):
@@ -222,17 +227,19 @@ class LlamaLM(PreTrainedModel, GenerationMixin):
         return self.model
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                use_cache=None, cache=None, past_key_values=None, logits_to_keep=0, **kwargs):
+                use_cache=None, cache=None, past_key_values=None, logits_to_keep=0, output_attentions=False,
+                output_hidden_states=False, **kwargs):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
-            from transformers import DynamicCache
-
             cache = DynamicCache()
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            position_ids=position_ids, cache=cache).last_hidden_state  # (b, T, width)
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state  # (b, T, width)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (b, T, vocab)
         loss = None
         if labels is not None:  # position t predicts token t + 1; IGNORE_INDEX marks positions without a target
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **{CACHE_FIELD: cache})

@@ -208,6 +208,46 @@ def wrap_angles(angles):
     return (angles + np.pi) % (2 * np.pi) - np.pi
 
 
+# -- 09: what the LLM sees ---------------------------------------------------------------------------
+def _square(picture, size=256):
+    """The picture stretched to a square, as the vision tower sees it, at a size fit for drawing."""
+    return np.asarray(picture.convert("RGB").resize((size, size)))
+
+
+def show_heatmaps(picture, maps, titles, mask=None, size=256):
+    """Each (grid, grid) map over the squared picture (brighter: more weight); ``mask``: objects outlined."""
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4), squeeze=False)
+    for ax, heat, title in zip(axes[0], maps, titles):
+        heat = np.asarray(heat, dtype=np.float32)
+        ax.imshow(_square(picture, size))
+        ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, size, size, 0), interpolation="nearest")
+        if mask is not None:
+            outline = np.asarray(mask.convert("L").resize((size, size)), dtype=np.float32)
+            ax.contour(outline, levels=[127], colors="cyan", linewidths=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    plt.tight_layout()
+    plt.show()
+
+
+def show_patch_words(picture, words, size=320):
+    """The squared picture cut into its patches, each labelled with its nearest word (``words``: one per
+    patch, in reading order)."""
+    grid = int(round(len(words) ** 0.5))
+    step = size / grid
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(_square(picture, size))
+    for index, word in enumerate(words):
+        row, column = divmod(index, grid)
+        ax.text((column + 0.5) * step, (row + 0.5) * step, repr(word)[1:-1], ha="center", va="center",
+                fontsize=max(4, 60 // grid), color="black", bbox=dict(facecolor="white", alpha=0.6, pad=1, lw=0))
+    ax.set_xticks(np.arange(0, size + 1, step), labels=[])
+    ax.set_yticks(np.arange(0, size + 1, step), labels=[])
+    ax.grid(color="white", linewidth=0.5)
+    ax.tick_params(length=0)
+    plt.show()
+
+
 # -- 07: a live loss curve ----------------------------------------------------------------------
 class LiveLoss:
     """Redraws the loss curve every ``every`` steps; pass it as ``on_step(step, losses)`` to a trainer."""
