@@ -10,11 +10,12 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 TRANSFORMERS_4 ?= transformers==4.57.6
+LLAMA_CPP ?= llama-cpp-python==0.3.36
 VENV := .venv
 VENV_TF4 := .venv-tf4
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tf5 test-tf4 test-online notebooks bench mini clean
+.PHONY: demo test test-tf5 test-tf4 test-llama-cpp llama-cpp test-online notebooks bench bench-llama-cpp mini clean
 
 # Tests never contact the Hub (the online comparison has its own target); notebooks run offline.
 OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
@@ -23,13 +24,13 @@ OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks,quant]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks,quant,gguf]"
 	touch $@
 
 $(VENV_TF4)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TF4)
 	$(VENV_TF4)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV_TF4)/bin/python -m pip install --quiet -e ".[test,notebooks]" "$(TRANSFORMERS_4)"
+	$(VENV_TF4)/bin/python -m pip install --quiet -e ".[test,notebooks,gguf]" "$(TRANSFORMERS_4)"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -45,6 +46,15 @@ test-tf4: $(VENV_TF4)/.installed
 	$(VENV_TF4)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(OFFLINE) $(VENV_TF4)/bin/python -m pytest tests $(PYTEST_ARGS)  # notebooks store 5.x outputs
 
+# llama.cpp itself (llama-cpp-python builds it from source: about 20 minutes on 2 cores the first time; pip
+# keeps the built wheel, so later installs take seconds), then the GGUF export checked against it.
+llama-cpp: $(VENV)/.installed
+	$(VENV)/bin/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/python -m pip install --quiet "$(LLAMA_CPP)"
+
+test-llama-cpp: llama-cpp
+	$(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/test_gguf.py tests/test_bench.py::test_the_llama_cpp_rows $(PYTEST_ARGS)
+
 # On a machine that reaches the Hugging Face Hub (e.g. Colab): compare with the official remote code.
 test-online: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -m online -rs tests/test_official_remote.py
@@ -56,6 +66,10 @@ notebooks: $(VENV)/.installed
 # Speed and memory, ratios measured in one run (see benchmarks/RESULTS.md).
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench.py --sizes tiny,medium,real
+
+# llama.cpp next to ours (GGUF export of the same weights): time to the first token and decode speed.
+bench-llama-cpp: llama-cpp
+	$(VENV)/bin/python benchmarks/bench.py --sizes "" --llama-cpp
 
 # Retrain the miniature from scratch (all four stages, about 9 minutes on 2 cores) and ship it into the package.
 mini: $(VENV)/.installed

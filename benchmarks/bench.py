@@ -13,6 +13,9 @@ machine shared with other work shifts both sides alike. Rows per size:
   vs the original's way (re-encode the whole text history, without the picture) and vs
   ``ChatSession`` (re-encode everything, picture included) -- full turn and first token;
 * projector training steps with cached vision features vs features recomputed every step;
+* with ``--llama-cpp`` (needs llama-cpp-python: ``make llama-cpp``): the same weights exported to GGUF (f32)
+  and run by llama.cpp vs ours -- time to the first token and decode tokens/s, on the shipped miniature
+  and the medium random model;
 * the peak memory (resident set size above the start of the call) of each path.
 
 Sizes (random weights from ``llama3vision_min.miniature.stand_ins.SIZES``: speed only):
@@ -341,6 +344,48 @@ def train_row(size, model, tokenizer, images, repeats, warmup):
                 "recomputed", "steps/s cached/recomputed")
 
 
+# -- llama.cpp ---------------------------------------------------------------------------------
+def bench_llama_cpp(name, repeats=5, warmup=1, new_tokens=32, log=print):
+    """Rows for llama.cpp vs ours on ``name`` ("mini": the shipped miniature, or a size of ``SETTINGS``):
+    time to the first token, and decode tokens/s over ``new_tokens`` forced tokens (stop tokens barred)."""
+    import tempfile
+
+    from llama3vision_min.generation import stop_token_ids
+    from llama3vision_min.tools.gguf_export import export_gguf
+    from llama3vision_min.tools.llama_cpp_runner import LlamaCppVision, square_picture
+
+    log(f"[{name}] llama.cpp: exporting ...")
+    if name == "mini":
+        from llama3vision_min import load_mini
+
+        model, tokenizer = load_mini()
+    else:
+        model, tokenizer = build(name)
+    image = square_picture(pictures(1)[0], model.image_size)  # square: llama.cpp would pad another
+    stops = stop_token_ids(tokenizer)
+    with tempfile.TemporaryDirectory() as folder:
+        export_gguf(model, tokenizer, folder, dtype="f32")
+        with LlamaCppVision(folder, n_threads=os.cpu_count()) as runner:
+            def ours(n):
+                return lambda: model.answer_question(image, QUESTION, tokenizer, do_sample=False, max_new_tokens=n,
+                                                     min_new_tokens=n)
+
+            def theirs(n):
+                barred = {token: -1e9 for token in stops}  # no early stop: exactly n tokens on both sides
+                return lambda: runner.answer(image, QUESTION, n, logit_bias=barred)
+
+            log(f"[{name}] llama.cpp: timing ...")
+            paths = {"llama.cpp 1": theirs(1), "ours 1": ours(1), f"llama.cpp {new_tokens}": theirs(new_tokens),
+                     f"ours {new_tokens}": ours(new_tokens)}
+            times, peaks = compare(paths, repeats, warmup)
+    rows = [_row(name, "time to the first token", {"llama.cpp": times["llama.cpp 1"], "ours": times["ours 1"]},
+                 {}, "llama.cpp", "ours", "time llama.cpp/ours")]
+    decode = {who: (new_tokens - 1) / (times[f"{who} {new_tokens}"] - times[f"{who} 1"]) for who in ("llama.cpp", "ours")}
+    rows.append(Row(name, f"decode tokens/s ({new_tokens} tokens)", "llama.cpp", "ours", 1 / decode["llama.cpp"],
+                    1 / decode["ours"], decode["llama.cpp"] / decode["ours"], "tokens/s llama.cpp/ours", "", None, None))
+    return rows
+
+
 # -- printing ----------------------------------------------------------------------------------
 def _seconds(value):
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
@@ -374,6 +419,8 @@ def main(argv=None):
     parser.add_argument("--sizes", default="tiny,medium,real", help="comma-separated: tiny, medium, real "
                                                                     "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer repeats, tokens and pictures")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also llama.cpp vs ours on the miniature and the medium model (needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every size (default: 1 for tiny and medium -- on a machine shared "
                              "with other jobs, more threads than free cores make small ops wait on each other -- "
@@ -391,6 +438,10 @@ def main(argv=None):
         start = time.perf_counter()
         rows += bench_size(size, quick=args.quick)
         print(f"[{size}] done in {time.perf_counter() - start:.0f} s")
+    if args.llama_cpp:
+        torch.set_num_threads(os.cpu_count())  # llama.cpp gets every core too
+        for name in ("mini", "medium"):
+            rows += bench_llama_cpp(name, repeats=2 if args.quick else 5, new_tokens=8 if args.quick else 32)
     print()
     print(table(rows))
     return 0

@@ -4,6 +4,7 @@ its table has the expected rows, and its memory probe sees an allocation.
 No wall-clock assertions: timings depend on the machine and on whatever else runs on it.
 """
 
+import importlib.util
 import sys
 
 import pytest
@@ -55,3 +56,14 @@ def test_peak_memory_sees_an_allocation():
         block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, touched
         del block
     assert memory.mb is not None and memory.mb >= 48
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llama-cpp-python is not installed (make llama-cpp)")
+def test_the_llama_cpp_rows(capsys):
+    from bench import bench_llama_cpp
+
+    rows = bench_llama_cpp("mini", repeats=1, warmup=1, new_tokens=16, log=lambda *_: None)
+    assert [(r.comparison, r.a, r.b) for r in rows] == [("time to the first token", "llama.cpp", "ours"),
+                                                        ("decode tokens/s (16 tokens)", "llama.cpp", "ours")]
+    assert all(r.ratio > 0 and r.time_a > 0 and r.time_b > 0 for r in rows)

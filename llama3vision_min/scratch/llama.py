@@ -4,15 +4,13 @@
       -> 32 decoder layers, each:  x + attention(RMSNorm(x)),  then  x + SwiGLU(RMSNorm(x))
       -> RMSNorm -> lm_head             (batch, T, 128256) a score for every vocabulary token
 
-Three ideas differ from the original transformer, each explained where it is used: RMSNorm instead of
-LayerNorm, rotary position embeddings (RoPE) instead of learned positions, and grouped-query attention
-(8 key/value heads shared by 32 query heads). The KV cache keeps each layer's keys and values so that
-generation runs only the new token through the model.
+Three ideas differ from the original transformer, each explained where it is used: RMSNorm, rotary position
+embeddings (RoPE) and grouped-query attention (8 key/value heads for 32 query heads). The KV cache keeps each
+layer's keys and values, so that generation runs only the new token through the model.
 
-The parameters carry transformers' names (``model.layers.N.self_attn.q_proj``, ``lm_head``, ...), so the
-same state dicts load into either, and any module with a ``forward(x)`` serves as a projection -- a 4-bit
-``Linear4bit`` too. ``LlamaLM`` is a ``PreTrainedModel`` with ``GenerationMixin`` only so that transformers'
-``generate`` loop and ``DynamicCache`` drive it; every computation of the forward pass is here.
+The parameters carry transformers' names (``model.layers.N.self_attn.q_proj``, ``lm_head``, ...), so the same
+state dicts load into either, and any module with a ``forward(x)`` serves as a projection (a 4-bit ``Linear4bit``
+too). ``LlamaLM`` is a ``PreTrainedModel`` only so that transformers' ``generate`` loop and cache drive it.
 Written from the Llama 3 paper (arXiv 2407.21783), RoFormer (arXiv 2104.09864), GQA (arXiv 2305.13245),
 GLU variants (arXiv 2002.05202), RMSNorm (arXiv 1910.07467) and Meta's published configurations.
 """
@@ -22,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -57,7 +56,8 @@ def rope_frequencies(config):
     over a long context. Llama 3.1 (``rope_type`` "llama3") slows the low frequencies further by ``factor``,
     blending between ``low_freq_factor`` and ``high_freq_factor``: an 8192-token context stretched to 128k.
     """
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    field = "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling"  # as it reads
+    rope = dict(getattr(config, field, None) or {})
     theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim / 2,)

@@ -1,4 +1,5 @@
-"""Command line: ``python -m llama3vision_min ask --image PATH "QUESTION"`` and ``... export --out DIR``.
+"""Command line: ``python -m llama3vision_min ask --image PATH "QUESTION"`` and ``... export --out DIR``
+(a transformers LLaVA folder, or with ``--format gguf`` the two files llama.cpp runs).
 
 The model is the shipped miniature by default; ``--model`` names another (``tiny``, a folder in the
 ``-hf`` layout or a Hub id such as ``qresearch/llama-3-vision-alpha-hf``), and ``--llm`` switches to
@@ -18,6 +19,8 @@ DEFAULT_MODEL = "mini"
 """The model used when neither ``--model`` nor ``--llm`` is given: the shipped miniature (trained on coloured shapes)."""
 
 DTYPES = ("float32", "bfloat16", "float16")
+GGUF_DTYPES = {"f32": "float32", "f16": "float16", "float32": "float32", "float16": "float16"}
+"""``--dtype f32|f16`` (GGUF's names) mean float32|float16; for ``export --format gguf`` the files' type."""
 
 
 class CliError(Exception):
@@ -36,8 +39,9 @@ def _model_options(parser):
     parser.add_argument("--projector", default=None,
                         help="alpha form: mm_projector.bin/.safetensors, a folder or a Hub id (default: the real one)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
-    parser.add_argument("--dtype", default=None, choices=DTYPES,
-                        help="default: float16 on a GPU; on a CPU bfloat16 where it computes it, else float32")
+    parser.add_argument("--dtype", default=None, choices=DTYPES + ("f32", "f16"),
+                        help="default: float16 on a GPU; on a CPU bfloat16 where it computes it, else float32 "
+                             "(export --format gguf: f32 or f16, the files' type; default f16)")
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="alpha form: the LLM in 4-bit (bitsandbytes; on a GPU, or on a CPU with bitsandbytes >= 0.49)")
 
@@ -53,8 +57,12 @@ def _parser():
     ask.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    export = commands.add_parser("export", help="write a transformers-native LLaVA folder (see tools/llava_export.py)")
+    export = commands.add_parser("export", help="write a transformers-native LLaVA folder (tools/llava_export.py) "
+                                                "or, with --format gguf, model.gguf and mmproj.gguf for llama.cpp")
     export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--format", default="llava", choices=("llava", "gguf"),
+                        help="llava: transformers' LlavaForConditionalGeneration (default); gguf: llama.cpp "
+                             "(quantise model.gguf afterwards with llama.cpp's llama-quantize)")
     _model_options(export)
     export.add_argument("--vllm-names", action="store_true",
                         help="store weights under the names vLLM's llava loader reads (transformers 4.x and 5.x read them too)")
@@ -101,7 +109,7 @@ def _placement(args):
         raise CliError(f"--device {args.device!r} is not a device: {str(error).splitlines()[0]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"--device {args.device} asks for a GPU, but torch sees none")
-    return device, getattr(torch, args.dtype) if args.dtype else None
+    return device, getattr(torch, GGUF_DTYPES.get(args.dtype, args.dtype)) if args.dtype else None
 
 
 def _load_model(args):
@@ -162,12 +170,38 @@ def export(args):
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CliError(f"--out {out} exists and {'is not empty' if out.is_dir() else 'is a file'}; choose a new folder")
+    gguf_dtype = None
+    if args.format == "gguf":
+        gguf_dtype = _gguf_options(args)
     model, tokenizer = _load_model(args)
     try:
+        if gguf_dtype:
+            from .gguf_export import export_gguf
+
+            for path in export_gguf(model, tokenizer, out, dtype=gguf_dtype):
+                print(path)
+            return
         export_llava(model, tokenizer, out, vllm_names=args.vllm_names)
     except (ValueError, OSError) as error:
         raise CliError(f"could not export to {out}: {str(error).splitlines()[0]}") from None
     print(out)
+
+
+def _gguf_options(args):
+    """The GGUF files' dtype ("f32"/"f16"); the model is then loaded in that dtype on the CPU."""
+    import importlib.util
+
+    if args.vllm_names:
+        raise CliError("--vllm-names belongs to --format llava")
+    if args.load_in_4bit:
+        raise CliError("--format gguf writes full-precision weights: drop --load-in-4bit and quantise model.gguf "
+                       "with llama.cpp's llama-quantize")
+    if args.dtype not in (None, *GGUF_DTYPES):
+        raise CliError(f"--format gguf writes f32 or f16, not {args.dtype}")
+    if importlib.util.find_spec("gguf") is None:
+        raise CliError("--format gguf needs the gguf package: pip install 'llama3vision-min[gguf]'")
+    args.dtype, args.device = GGUF_DTYPES[args.dtype or "f16"], args.device or "cpu"
+    return "f32" if args.dtype == "float32" else "f16"
 
 
 def main(argv=None):
