@@ -265,6 +265,16 @@ def test_bad_exports_are_refused_and_nothing_is_overwritten(mini, mini_f32, tmp_
     assert (tmp_path / "b" / LLM_FILE).read_bytes() == b"mine" and not (tmp_path / "b" / VISION_FILE).exists()
 
 
+def test_a_rope_type_gguf_cannot_express_is_refused_before_writing(tmp_path):
+    model, tokenizer = load_mini()
+    config = model.text_model.config
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+    setattr(config, "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling", linear)
+    with pytest.raises(ValueError, match="rope type 'linear'"):
+        export_gguf(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_a_4bit_model_is_refused(fake_hub, tmp_path):
     from llama3vision_min.tools.backend import REAL_LLM, REAL_PROJECTOR, REAL_VISION

@@ -35,8 +35,7 @@ class RMSNorm(nn.Module):
     """Scale each vector to unit root-mean-square, then by a learned weight (no mean, no bias).
 
     Cheaper than LayerNorm and as good for LLMs: re-centering turned out unnecessary, only the scale
-    matters. Computed in float32 so that a half-precision model normalises exactly.
-    """
+    matters. Computed in float32 so that a half-precision model normalises exactly."""
 
     def __init__(self, width, eps):
         super().__init__()
@@ -49,19 +48,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_frequencies(config):
+def rope_settings(config):
+    """``(theta, rope type, its parameters)``, read from the field transformers itself reads (5.x
+    ``rope_parameters``, 4.x ``rope_scaling``: a config saved by one may carry a stale copy of the other)."""
+    field = "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling"
+    rope = dict(getattr(config, field, None) or {})
+    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope type {kind!r} is not written out here (default and Llama 3.1's llama3 are)")
+    return theta, kind, rope
+
+
+def rope_frequencies(config, scaled=True):
     """One rotation frequency per pair of dimensions of a head: theta ** (-2i / head_dim).
 
     Llama 3 uses theta = 500000 (Llama 2: 10000): slower rotations, so far-apart positions stay distinct
     over a long context. Llama 3.1 (``rope_type`` "llama3") slows the low frequencies further by ``factor``,
-    blending between ``low_freq_factor`` and ``high_freq_factor``: an 8192-token context stretched to 128k.
-    """
-    field = "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling"  # as it reads
-    rope = dict(getattr(config, field, None) or {})
-    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    blending between ``low_freq_factor`` and ``high_freq_factor``: an 8192-token context stretched to 128k
+    (``scaled=False``: the frequencies before that)."""
+    theta, kind, rope = rope_settings(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim / 2,)
-    if rope.get("rope_type", rope.get("type", "default")) == "llama3":
+    if kind == "llama3" and scaled:
         factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
         context = rope["original_max_position_embeddings"]
         wavelength = 2 * math.pi / inv_freq
@@ -69,8 +78,6 @@ def rope_frequencies(config):
         blend = (context / wavelength - low) / (high - low)  # 0 .. 1 between the two thresholds
         middle = (wavelength >= context / high) & (wavelength <= context / low)
         inv_freq = torch.where(middle, (1 - blend) * slowed / factor + blend * slowed, slowed)
-    elif rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope type {rope.get('rope_type')!r} is not written out here (default and llama3 are)")
     return inv_freq
 
 
@@ -78,8 +85,7 @@ def rotate(x, cos, sin):
     """Rotate each pair (x[i], x[i + head_dim/2]) by its position's angle: RoPE.
 
     After rotation, the dot product of a query at position m and a key at position n depends only
-    on m - n: attention sees relative positions, at no cost in parameters.
-    """
+    on m - n: attention sees relative positions, at no cost in parameters."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -88,8 +94,7 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads: 32 query heads share 8 key/value heads.
 
     Sharing keys and values between groups of 4 query heads cuts the KV cache (and its memory
-    traffic while generating) by 4, at almost no loss in quality.
-    """
+    traffic while generating) by 4, at almost no loss in quality."""
 
     def __init__(self, config, layer_index):
         super().__init__()
@@ -155,8 +160,7 @@ def causal_mask(attention_mask, length, past, device):
     nothing sees everything instead: its output is never read, and an all-masked row would give NaN."""
     total = past + length
     query = torch.arange(past, total, device=device)[:, None]  # (length, 1): the new positions
-    allowed = torch.arange(total, device=device)[None, :] <= query  # (length, total): causal
-    allowed = allowed[None, None]  # (1, 1, length, total)
+    allowed = (torch.arange(total, device=device)[None, :] <= query)[None, None]  # (1, 1, length, total): causal
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, -total:].bool()
     return allowed | ~allowed.any(-1, keepdim=True)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
 LLM_FILE, VISION_FILE = "model.gguf", "mmproj.gguf"
 DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -149,19 +148,12 @@ def halve_rope_rows(weight, n_heads):
 
 def _rope(config):
     """``(theta, factors)``: RoPE's base, and for Llama 3.1's scaling the per-frequency divisors (else None)."""
-    from ..scratch.llama import rope_frequencies
+    from ..scratch.llama import rope_frequencies, rope_settings
 
-    field = "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling"  # as it reads
-    rope = dict(getattr(config, field, None) or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise ValueError(f"GGUF export writes default or Llama 3.1 (llama3) RoPE, got rope type {kind!r}")
-    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    theta, kind, _ = rope_settings(config)  # refuses rope types other than these two
     if kind == "default":
         return theta, None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    return theta, plain / rope_frequencies(config)  # (head_dim / 2,)
+    return theta, rope_frequencies(config, scaled=False) / rope_frequencies(config)  # (head_dim / 2,)
 
 
 # -- the tokenizer ---------------------------------------------------------------------------
