@@ -24,13 +24,13 @@ OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks,quant,gguf]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,notebooks,quant,gguf,llama3-tokenizer]"
 	touch $@
 
 $(VENV_TF4)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TF4)
 	$(VENV_TF4)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV_TF4)/bin/python -m pip install --quiet -e ".[test,notebooks,gguf]" "$(TRANSFORMERS_4)"
+	$(VENV_TF4)/bin/python -m pip install --quiet -e ".[test,notebooks,gguf,llama3-tokenizer]" "$(TRANSFORMERS_4)"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -20,7 +20,8 @@ def _normalise(requirement):
 def test_environment_yml_lists_exactly_the_pyproject_requirements():
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
-    wanted = {_normalise(r) for r in project["dependencies"] + extras["test"] + extras["notebooks"]}
+    wanted = {_normalise(r) for r in project["dependencies"] + extras["test"] + extras["notebooks"]
+              + extras["llama3-tokenizer"]}
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
     listed = {_normalise(r) for r in pip_section if not r.startswith("-e")}
