@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, answer a question about examples/two_green_stars.png
 #   make test   same setup, then the full test suite and the notebooks (strict nbval) on the
-#               newest transformers 5.x, and the test suite again on transformers 4.57.x (.venv-tf4)
+#               newest transformers 5.x, the test suite again on transformers 4.57.x (.venv-tf4), and
+#               the Colab rehearsal (.venv-colab: the package from a wheel, each notebook alone)
 #
 # torch is installed first and on its own, so pip never pulls a CUDA build by accident.
 # TORCH names the torch requirement: torch==2.13.0 takes the CPU wheel this project's
@@ -15,7 +16,7 @@ VENV := .venv
 VENV_TF4 := .venv-tf4
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tf5 test-tf4 test-llama-cpp llama-cpp test-online notebooks bench bench-llama-cpp mini clean
+.PHONY: demo test test-tf5 test-tf4 test-colab test-llama-cpp llama-cpp test-online notebooks bench bench-llama-cpp mini clean
 
 # Tests never contact the Hub (the online comparison has its own target); notebooks run offline.
 OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
@@ -36,7 +37,7 @@ $(VENV_TF4)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m llama3vision_min ask --image examples/two_green_stars.png "what is this?" --greedy --max-new-tokens 16
 
-test: test-tf5 test-tf4
+test: test-tf5 test-tf4 test-colab
 
 test-tf5: $(VENV)/.installed
 	$(VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
@@ -45,6 +46,12 @@ test-tf5: $(VENV)/.installed
 test-tf4: $(VENV_TF4)/.installed
 	$(VENV_TF4)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(OFFLINE) $(VENV_TF4)/bin/python -m pytest tests $(PYTEST_ARGS)  # notebooks store 5.x outputs
+
+# Colab, rehearsed (tests/test_colab.py): a Colab-like environment (.venv-colab: torch and Colab's own kernel
+# pins), the setup cell's install from a clean clone of HEAD (commit first), each notebook run alone in that
+# kernel on the real backend (fake Hub) and on auto. About 8 minutes on 2 cores; the environment is kept.
+test-colab: $(VENV)/.installed
+	LLAMA3VISION_COLAB_REHEARSAL=1 TORCH="$(TORCH)" $(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/test_colab.py $(PYTEST_ARGS)
 
 # llama.cpp itself (llama-cpp-python builds it from source: about 20 minutes on 2 cores the first time; pip
 # keeps the built wheel, so later installs take seconds), then the GGUF export checked against it.
@@ -76,4 +83,4 @@ mini: $(VENV)/.installed
 	$(VENV)/bin/python -m llama3vision_min.miniature train --stage all --out miniature-run --ship
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TF4) .venv-colab .pytest_cache .hypothesis

@@ -64,10 +64,37 @@ def test_setup_cell_is_the_same_everywhere_and_names_this_repository(notebook):
     assert setup == reference, f"{path.name}: setup cell differs from {NOTEBOOKS[0].name}'s"
 
 
-def test_backend_cell_is_overridable_by_one_variable(notebook):
+def test_backend_cell_is_overridable_by_one_variable_and_names_its_parts(notebook):
+    """Every notebook's second code cell picks the backend (and says why), loading only the parts it names;
+    02 loads no model at all, only Llama 3's own tokenizer."""
     path, nb = notebook
-    sources = "\n".join(cell.source for cell in code_cells(nb)[:3])
-    assert "LLAMA3VISION_BACKEND" in sources and "load_backend" in sources, path.name
+    cell = code_cells(nb)[1].source
+    if path.name.startswith("02"):
+        assert "llama3_tokenizer()" in cell and "load_backend" not in "\n".join(c.source for c in code_cells(nb))
+        return
+    assert "LLAMA3VISION_BACKEND" in cell and re.search(r"load_backend\(parts=\(.*\)\)", cell), path.name
+    assert "print(backend.report())" in cell, f"{path.name}: the backend cell must say why it chose its backend"
+
+
+def test_the_setup_cell_installs_the_colab_extra_and_no_kernel_package():
+    """Colab's own ipykernel/ipython/tornado must stay: the setup cell asks only for the colab extra."""
+    setup = code_cells(nbformat.read(NOTEBOOKS[0], as_version=4))[0].source
+    assert 'f"llama3vision-min[colab] @ git+{REPO_URL}"' in setup and "print(" in setup
+    code = "\n".join(line for line in setup.splitlines() if not line.lstrip().startswith("#"))
+    for package in ("ipykernel", "ipython", "tornado", "jupyter", "nbval", "nbclient", "[notebooks"):
+        assert package not in code, f"the setup cell installs {package}"
+
+
+def test_the_first_cell_says_what_the_real_path_costs_before_it_starts(notebook):
+    """Which runtime, what the real path downloads and how long, the GPU memory, and that no token is asked."""
+    path, nb = notebook
+    first = nb.cells[0].source
+    assert "**Runtime and cost.**" in first and "token or licence is asked" in first, path.name
+    if path.name.startswith("02"):
+        assert "downloads nothing" in first and "CPU is enough" in first
+        return
+    assert "T4 GPU" in first and re.search(r"\d+ GB", first) and "minute" in first, path.name
+    assert re.search(r"(GB of GPU memory|GB of the T4)", first), f"{path.name}: say how much GPU memory it needs"
 
 
 def test_at_most_a_quarter_of_code_cells_are_exempt_from_comparison(notebook):
