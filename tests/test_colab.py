@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 VENV = ROOT / ".venv-colab"
 TORCH = os.environ.get("TORCH", "torch==2.13.0")
-COLAB_PINS = ["ipykernel==5.5.6", "ipython==7.34.0", "jupyter-client==6.1.12", "tornado==6.3.3",
-              "notebook==6.5.7", "ipywidgets==7.7.1", "matplotlib==3.10.*"]
-"""What a Colab runtime pins before any notebook runs (google-colab's kernel, as users report it)."""
+COLAB_PINS = ["ipykernel==5.5.6", "ipython==7.34.0", "tornado==6.3.3", "notebook==6.5.7", "ipywidgets==7.7.1",
+              "matplotlib==3.10.*", "anyio>=4.10"]
+"""What a Colab runtime holds before any notebook runs: google-colab's kernel pins as users report them, its
+widgets and matplotlib, and anyio 4 (Colab ships httpx); jupyter-client and the rest as these resolve."""
 KERNEL_PACKAGES = {"ipykernel", "ipython", "tornado", "jupyter-client", "notebook", "nbval", "nbclient", "pyzmq",
                    "prompt-toolkit", "traitlets", "jupyter-core"}
 """Packages the setup cell must never install or replace (Colab warns that its runtime may crash)."""
@@ -156,13 +157,14 @@ def installed(colab_python, github_env, fake_hub, tmp_path_factory):
     _run(colab_python, "-m", "pip", "install", "--quiet", "--dry-run", "--report", report, requirement, env=env)
     dry_run = json.loads(report.read_text())
 
-    before = _site_size(colab_python)
+    before, kernel_before = _site_size(colab_python), _kernel_versions(colab_python)
     folder = tmp_path_factory.mktemp("setup")
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_setup_cell())])
     seconds = _execute(notebook, folder, {**_kernel_env(fake_hub, "auto", folder), **github_env})
     megabytes = (_site_size(colab_python) - before) / 1e6
     RESULTS.append(("setup cell (pip install from the clone)", seconds, f"{megabytes:.0f} MB installed"))
-    return {"dry_run": dry_run, "setup_output": notebook.cells[0].outputs}
+    return {"dry_run": dry_run, "setup_output": notebook.cells[0].outputs,
+            "kernel_before": kernel_before, "kernel_after": _kernel_versions(colab_python)}
 
 
 def test_the_setup_cell_replaces_none_of_colabs_kernel_packages(installed, colab_python):
@@ -170,15 +172,19 @@ def test_the_setup_cell_replaces_none_of_colabs_kernel_packages(installed, colab
                 for item in installed["dry_run"]["install"]}
     assert "llama3vision-min" in installs
     assert not KERNEL_PACKAGES & set(installs), f"the setup cell would replace {KERNEL_PACKAGES & set(installs)}"
-    versions = _installed(colab_python)
-    assert {"bitsandbytes", "llama-models", "matplotlib"} <= set(versions)  # the colab extra, installed
-    assert (versions["ipykernel"], versions["ipython"]) == ("5.5.6", "7.34.0")  # still Colab's, after the install
+    assert {"bitsandbytes", "llama-models", "matplotlib"} <= set(_installed(colab_python))  # the colab extra
+    assert installed["kernel_after"] == installed["kernel_before"]  # nothing of the kernel changed, nothing added
+    assert (installed["kernel_after"]["ipykernel"], installed["kernel_after"]["ipython"]) == ("5.5.6", "7.34.0")
     assert "llama3vision-min[colab]" in "".join(output.get("text", "") for output in installed["setup_output"])
 
 
 def _installed(python):
     listed = json.loads(_run(python, "-m", "pip", "list", "--format", "json"))
     return {item["name"].lower().replace("_", "-"): item["version"] for item in listed}
+
+
+def _kernel_versions(python):
+    return {name: version for name, version in _installed(python).items() if name in KERNEL_PACKAGES}
 
 
 def test_the_wheel_holds_every_file_of_the_package_and_is_not_editable(installed, colab_python, clone):
@@ -195,7 +201,8 @@ def test_the_wheel_holds_every_file_of_the_package_and_is_not_editable(installed
     assert not wanted - set(found["files"]), f"missing from the wheel: {sorted(wanted - set(found['files']))}"
     assert "llama3vision_original.py" in found["files"]
     assert "site-packages" in found["module"] and found["photo"] and found["mini"]
-    assert found["direct_url"]["url"] == f"git+{_repo_url()}" and "dir_info" not in found["direct_url"]
+    assert found["direct_url"]["url"] == _repo_url() and found["direct_url"]["vcs_info"]["vcs"] == "git"
+    assert "dir_info" not in found["direct_url"]  # built and installed from git, not an editable folder
 
 
 @pytest.mark.parametrize("backend", ["real", "auto"])
