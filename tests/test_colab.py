@@ -70,11 +70,11 @@ def _repo_url():
 def summary(request):
     """Print the rehearsal's timings under the test results."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter and RESULTS:
-        reporter.write_line("\nColab rehearsal (2 CPU cores, no GPU):")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n\nColab rehearsal (no GPU):")
         for what, seconds, detail in RESULTS:
-            reporter.write_line(f"  {what:48s} {seconds:6.1f} s  {detail}")
+            print(f"  {what:48s} {seconds:6.1f} s  {detail}")
 
 
 @pytest.fixture(scope="module")
