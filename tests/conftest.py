@@ -7,6 +7,7 @@ tiny checkpoints under the real repository ids (``tests/fake_hub.py``).
 
 import os
 import shutil
+import sys
 import tempfile
 
 PRIVATE_HF_HOME = tempfile.mkdtemp(prefix="llama3vision-hf-home-")
@@ -27,6 +28,15 @@ torch.set_num_threads(2)
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(PRIVATE_HF_HOME, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The Colab rehearsal's timings (tests/test_colab.py), when it ran."""
+    rehearsal = sys.modules.get("test_colab")
+    if rehearsal is not None and rehearsal.RESULTS:
+        terminalreporter.section("Colab rehearsal (no GPU)")
+        for what, seconds, detail in rehearsal.RESULTS:
+            terminalreporter.write_line(f"{what:48s} {seconds:6.1f} s  {detail}")
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ KERNEL_PACKAGES = {"ipykernel", "ipython", "tornado", "jupyter-client", "noteboo
 GOOGLE_COLAB = '"""Stand-in for Colab\'s google.colab (tests/test_colab.py): importable, imported at kernel start."""\n'
 SETUP_REQUIREMENT = re.compile(r'f"(llama3vision-min\[[\w,-]+\]) @ git\+\{REPO_URL\}"')
 
-RESULTS = []  # (what, seconds, detail) for the summary at the end
+RESULTS = []  # (what, seconds, detail), printed under the test results (conftest.py)
 
 
 def _run(*command, **kwargs):
@@ -64,17 +64,6 @@ def _setup_cell():
 
 def _repo_url():
     return re.search(r'REPO_URL = "([^"]+)"', _setup_cell()).group(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def summary(request):
-    """Print the rehearsal's timings under the test results."""
-    yield
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n\nColab rehearsal (no GPU):")
-        for what, seconds, detail in RESULTS:
-            print(f"  {what:48s} {seconds:6.1f} s  {detail}")
 
 
 @pytest.fixture(scope="module")
