@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..constants import EOT_TOKEN
+
 MODEL_SIZE = 2_183_982
 MODEL_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 """``llama_models/llama3/tokenizer.model`` of llama-models 0.3.0: 128,000 ranks."""
@@ -36,11 +38,11 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 SPECIAL_TOKENS = (["<|begin_of_text|>", "<|end_of_text|>"]
                   + [f"<|reserved_special_token_{i}|>" for i in range(4)]
-                  + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                  + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", EOT_TOKEN]
                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
 """The Llama 3.0 names of ids 128000-128255, in id order."""
 
-BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
+BOS, EOS = "<|begin_of_text|>", EOT_TOKEN
 MODEL_MAX_LENGTH = 8192
 INSTALL_HINT = "pip install 'llama3vision-min[llama3-tokenizer]'"
 
