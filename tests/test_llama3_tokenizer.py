@@ -3,6 +3,7 @@
 Every test uses a cache folder under pytest's tmp_path, never the user's ~/.cache.
 """
 
+import importlib
 import importlib.machinery
 import importlib.util
 import json
@@ -66,7 +67,9 @@ def meta():
 @pytest.fixture
 def no_conversion(monkeypatch):
     """Conversion fails from here on: what a call returns must come from the cache."""
-    import transformers.convert_slow_tokenizer as convert
+    # the module itself: ``import transformers.convert_slow_tokenizer as ...`` can give transformers 4.x's
+    # function of that name, once something has imported it into the package's namespace
+    convert = importlib.import_module("transformers.convert_slow_tokenizer")
 
     class Refuse:
         def __init__(self, *args, **kwargs):
