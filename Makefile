@@ -49,7 +49,8 @@ test-tf4: $(VENV_TF4)/.installed
 
 # Colab, rehearsed (tests/test_colab.py): a Colab-like environment (.venv-colab: torch and Colab's own kernel
 # pins), the setup cell's install from a clean clone of HEAD (commit first), each notebook run alone in that
-# kernel on the real backend (fake Hub) and on auto. About 8 minutes on 2 cores; the environment is kept.
+# kernel on the real backend (fake Hub) and on auto, two at a time. About 5 minutes on 2 cores (3.5 once the
+# environment is built: it is kept).
 test-colab: $(VENV)/.installed
 	LLAMA3VISION_COLAB_REHEARSAL=1 TORCH="$(TORCH)" $(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/test_colab.py $(PYTEST_ARGS)
 

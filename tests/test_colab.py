@@ -11,8 +11,8 @@ repository beside it, and Colab's own kernel (ipykernel 5.5.6, IPython 7.34.0) m
    ``insteadOf`` to a clean clone of this repository's HEAD (commit first: what is not committed is not on
    GitHub either): pip clones, builds the wheel and installs it, non-editable, as on Colab;
 3. the installed wheel holds every file of the package, and the photograph and miniature are readable;
-4. every notebook, copied alone into an empty folder, runs top to bottom in that kernel: with the real
-   backend against the fake Hub (``tests/fake_hub.py``), and with ``auto`` (a CPU runtime: the miniature).
+4. every notebook, copied alone into an empty folder, runs top to bottom in that kernel (two at a time): with
+   the real backend against the fake Hub (``tests/fake_hub.py``), and with ``auto`` (a CPU runtime: the miniature).
 
 What it cannot show: a GPU, the real downloads, Colab's own front end (widgets render there, not here).
 """
@@ -194,18 +194,53 @@ def test_the_wheel_holds_every_file_of_the_package_and_is_not_editable(installed
     assert "dir_info" not in found["direct_url"]  # built and installed from git, not an editable folder
 
 
-@pytest.mark.parametrize("backend", ["real", "auto"])
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_each_notebook_runs_alone_from_the_wheel_in_colabs_kernel(installed, fake_hub, path, backend, tmp_path):
-    folder = tmp_path / "content"  # Colab's working folder: nothing of the repository beside the notebook
-    folder.mkdir()
+BACKENDS = ("real", "auto")
+AT_ONCE = 2
+"""Notebooks run two at a time (one kernel each, one thread of torch each): on 2 cores the rehearsal takes
+about two thirds of the time it takes one after another (kernel start-up and imports run alone)."""
+
+
+def _run_alone(path, backend, fake_hub, home):
+    """Copy ``path`` alone into an empty folder and run it, with a probe cell at the end: (notebook, seconds)."""
+    folder = home / "content"  # Colab's working folder: nothing of the repository beside the notebook
+    folder.mkdir(parents=True)
     shutil.copy(path, folder / path.name)
     notebook = nbformat.read(folder / path.name, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell(
         "import IPython, llama3vision_min, sys\n"
         "print('probe:', llama3vision_min.__file__, IPython.__version__, 'google.colab' in sys.modules)"))
-    seconds = _execute(notebook, folder, _kernel_env(fake_hub, backend, tmp_path))
-    RESULTS.append((f"{path.stem} ({backend})", seconds, ""))
+    env = {**_kernel_env(fake_hub, backend, home), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // AT_ONCE))}
+    return notebook, _execute(notebook, folder, env)
+
+
+@pytest.fixture(scope="module")
+def runs(installed, fake_hub, tmp_path_factory):
+    """Every notebook on both backends: ``{(stem, backend): (notebook, seconds) or the exception it raised}``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(job):
+        path, backend = job
+        try:
+            return _run_alone(path, backend, fake_hub, tmp_path_factory.mktemp(f"{path.stem}-{backend}"))
+        except Exception as error:  # reported by the job's own test
+            return error
+
+    jobs = [(path, backend) for path in NOTEBOOKS for backend in BACKENDS]
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        done = dict(zip([(path.stem, backend) for path, backend in jobs], pool.map(attempt, jobs)))
+    for (stem, backend), result in done.items():
+        if not isinstance(result, Exception):
+            RESULTS.append((f"{stem} ({backend}, {AT_ONCE} at a time)", result[1], ""))
+    return done
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_each_notebook_runs_alone_from_the_wheel_in_colabs_kernel(runs, path, backend):
+    result = runs[path.stem, backend]
+    if isinstance(result, Exception):
+        raise result
+    notebook, _ = result
     text = ["".join(output.get("text", "")) for cell in notebook.cells if cell.cell_type == "code"
             for output in cell.outputs]
     probe = text[-1]
