@@ -30,9 +30,9 @@ PHOTO = Path(__file__).resolve().parent / "photos" / "chelsea_the_cat.jpg"
 PARTS = ("vision", "llm")
 """What ``load_backend`` can load: the vision tower with the projector, and the LLM with its tokenizer."""
 
-HOW_TO_GET_THE_REAL_MODEL = ("for the real model: on Colab, Runtime > Change runtime type > T4 GPU, then Run all; "
-                             f"elsewhere a CUDA GPU with the Hub, or {BACKEND_VARIABLE}=real")
-HOW_TO_GET_THE_MINIATURE = f"for the offline miniature instead: {BACKEND_VARIABLE}=mini before the backend cell"
+HOW_TO_GET_THE_REAL_MODEL = ("for the real model: on Colab, Runtime > Change runtime type > T4 GPU, then "
+                             f"Run all; elsewhere a CUDA GPU with the Hub, or {BACKEND_VARIABLE}=real")
+HOW_TO_GET_THE_MINIATURE = f"for the offline miniature: {BACKEND_VARIABLE}=mini before the backend cell"
 
 
 @dataclass
@@ -150,7 +150,8 @@ def load_real_vision():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     vision_model = load_vision_tower(REAL_VISION).to(device=device, dtype=dtype)
-    projector = load_projector(hf_hub_download(REAL_PROJECTOR, "mm_projector.bin")).to(device=device, dtype=dtype)
+    projector = load_projector(hf_hub_download(REAL_PROJECTOR, "mm_projector.bin"))  # 43 MB
+    projector = projector.to(device=device, dtype=dtype)
     where = f"{str(dtype).removeprefix('torch.')}, on the {'GPU' if device == 'cuda' else 'CPU'}"
     return LlamaVision(vision_model=vision_model, text_model=None, mm_projector=projector), where
 
@@ -185,8 +186,9 @@ def load_backend(choice=None, parts=PARTS):
                            f"Llama-3-8B-Instruct ({where}) + SigLIP so400m + the official projector", reason)
         if "vision" in parts:
             model, where = load_real_vision()
-            return Backend(name, model, None, f"SigLIP so400m + the official projector ({where}); no LLM", reason)
-        return Backend(name, None, None, "nothing loaded yet (this notebook loads what it needs itself)", reason)
+            what = f"SigLIP so400m + the official projector ({where}); no LLM"
+            return Backend(name, model, None, what, reason)
+        return Backend(name, None, None, "nothing loaded yet (the notebook loads what it needs itself)", reason)
     if name == "mini":
         from ..miniature import load_mini
 

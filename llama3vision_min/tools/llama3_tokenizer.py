@@ -129,7 +129,8 @@ def _wrap(**source):
 
     from ..miniature.stand_ins import CHAT_TEMPLATE
 
-    # No clean-up on decode: 4.57 would strip the space before punctuation ("a ." -> "a."); Meta's decode does not.
+    # No clean-up on decode: 4.57 would strip the space before punctuation ("a ." -> "a.");
+    # Meta's decode does not.
     tokenizer = PreTrainedTokenizerFast(**source, bos_token=BOS, eos_token=EOS, chat_template=CHAT_TEMPLATE,
                                         model_max_length=MODEL_MAX_LENGTH, clean_up_tokenization_spaces=False)
     if len(tokenizer) != 128256 or tokenizer(" a").input_ids[:1] != [128000]:
