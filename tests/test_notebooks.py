@@ -119,3 +119,37 @@ def test_notebooks_import_the_package_rather_than_define_its_functions(notebook)
         for name in public:
             assert not re.search(rf"^\s*def {name}\(", cell.source, re.M), f"{path.name} redefines {name}"
     assert any("llama3vision_min" in cell.source for cell in code_cells(nb))
+
+
+def test_no_code_line_is_over_100_characters(notebook):
+    path, nb = notebook
+    long = [(i, len(line)) for i, cell in enumerate(code_cells(nb)) for line in cell.source.splitlines()
+            if len(line) > 100]
+    assert not long, f"{path.name}: code lines over 100 characters (cell, length): {long}"
+
+
+def test_at_most_five_teaching_cells_over_15_lines_in_all():
+    """A cell that teaches shows one idea: over 15 lines only where the idea needs it (setup and backend aside)."""
+    long = [(path.name, i, len(cell.source.strip().splitlines())) for path in NOTEBOOKS
+            for i, cell in enumerate(code_cells(nbformat.read(path, as_version=4)))
+            if i >= 2 and len(cell.source.strip().splitlines()) > 15]
+    assert len(long) <= 5, f"{len(long)} code cells over 15 lines: {long}"
+
+
+def test_the_first_cell_explains_the_nbval_marks(notebook):
+    path, nb = notebook
+    assert "NBVAL_SKIP" in nb.cells[0].source and "NBVAL_IGNORE_OUTPUT" in nb.cells[0].source, path.name
+
+
+def test_each_notebook_ends_with_exercises_that_check_themselves(notebook):
+    """Two or three exercises ("change X, predict Y, check it"), each with a solution cell that asserts."""
+    path, nb = notebook
+    starts = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown"
+              and cell.source.lstrip().startswith("## Exercises")]
+    assert starts, f"{path.name}: no '## Exercises' section"
+    after = nb.cells[starts[-1] + 1:]
+    solutions = [cell for cell in after if cell.cell_type == "code"]
+    assert 2 <= len(solutions) <= 3, f"{path.name}: {len(solutions)} solution cells after '## Exercises'"
+    for cell in solutions:
+        assert re.search(r"^\s*assert ", cell.source, re.M), f"{path.name}: a solution without an assert"
+        assert cell.source.lstrip().startswith("# Solution"), f"{path.name}: solutions start with '# Solution'"
