@@ -21,7 +21,7 @@ side of the parity tests (``tests/test_parity_reference.py``), of the benchmark
     5      process_tensors               splice.py
     6      generation_defaults,          generation.py, model.py
            answer_question               (steps 1-6 end to end)
-    7      follow_up_turn                chat.py (which keeps the picture; this drops it)
+    6      follow_up_turn                chat.py (step 6, continued; it keeps the picture, this drops it)
     8      load_alpha_projector_state    loading.py
 """
 
@@ -169,7 +169,7 @@ def answer_question(
 
 
 def follow_up_turn(text_model, tokenizer, history, question, **generate_kwargs):
-    """Step 7 (chat): the original chat script's follow-up turn.
+    """Step 6, continued (chat): the original chat script's follow-up turn.
 
     The whole conversation so far (``history``: ``[(question, answer), ...]``) is written
     out again as Llama 3 chat text *without* the ``<image>`` placeholder, tokenised in one

@@ -48,7 +48,7 @@ from llama3vision_min.generation import stop_token_ids
 from llama3vision_min.image import vision_features
 from llama3vision_min.miniature.stand_ins import random_parts
 from llama3vision_min.model import LlamaVision
-from llama3vision_min.prompt import assistant_turn, build_prompt
+from llama3vision_min.prompt import build_prompt
 from llama3vision_min.scratch.weights import llm_from_transformers, vision_from_transformers
 from llama3vision_min.token_split import tokenizer_image_token
 from llama3vision_min.tools.llava_export import llava_processor, to_llava
@@ -316,7 +316,7 @@ def bench_size(size, quick=False, log=print):
 def train_row(size, model, tokenizer, images, repeats, warmup):
     """Steps/s of projector training (AdamW, LLaVA stage-1 style labels) with cached vs recomputed features."""
     prompt = tokenizer_image_token(build_prompt(QUESTION), tokenizer)  # (L,)
-    answer = torch.tensor(tokenizer(assistant_turn("a red circle.").split("\n\n", 1)[1]).input_ids[1:])
+    answer = torch.tensor(tokenizer("a red circle.<|eot_id|>").input_ids[1:])
     row_ids = torch.cat([prompt, answer])  # (L + A,)
     input_ids = row_ids.expand(len(images), -1)  # (batch, L + A)
     labels = input_ids.clone()

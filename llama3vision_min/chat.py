@@ -22,7 +22,7 @@ import torch
 
 from .constants import EOT_TOKEN, IMAGE_TOKEN_INDEX
 from .generation import cut_at_stop, generation_kwargs, stop_token_ids
-from .prompt import chat_segments, follow_up_segments
+from .prompt import follow_up_segments
 from .token_split import prompt_ids
 
 
@@ -97,16 +97,15 @@ class CachedChat(ChatSession):
         kwargs = generation_kwargs(self.tokenizer, kwargs)
         text_model = self.model.text_model
         if self.cache is None:  # turn 1: the picture and the first question
-            ids = prompt_ids(chat_segments([(question, None)]), self.tokenizer, special)  # (L,) with one -200
-            features = self.model.encode_images(self.model.preprocess([self.image]))  # (1, P, hidden)
-            batch = self.model.splice([ids], features)  # (1, L - 1 + P, hidden)
+            (ids,), batch = self.model.prepare([[(question, None)]], [self.image], self.tokenizer, special)
+            patches = batch.inputs_embeds.shape[1] - len(ids) + 1  # (1, L - 1 + P, hidden): ids hold one -200
             self.cache = DynamicCache()
             with _old_cache_name():
                 new = text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                           past_key_values=self.cache, **kwargs)[0]  # (n_new,) new tokens only
             pad = kwargs["pad_token_id"]
             for token_id in ids.tolist():
-                self.sequence.extend([pad] * features.shape[1] if token_id == IMAGE_TOKEN_INDEX else [token_id])
+                self.sequence.extend([pad] * patches if token_id == IMAGE_TOKEN_INDEX else [token_id])
         else:  # a follow-up: only the last answer token and the new user turn are new to the cache
             turn = prompt_ids(follow_up_segments(question), self.tokenizer, special, continuation=True).tolist()
             limit = getattr(text_model.config, "max_position_embeddings", None)

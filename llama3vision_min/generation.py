@@ -26,32 +26,46 @@ def stop_token_ids(tokenizer):
     return ids
 
 
-def _check_overrides(overrides):
-    """Refuse the common settings when their type is wrong, with the setting's name, before generate runs."""
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+def reset_generation_config(text_model):
+    """Keep only the token ids of an LLM's generation config: Llama 3's own sampling defaults would differ
+    between the two checkpoint forms; the original's settings come from ``generation_kwargs`` instead."""
+    from transformers import GenerationConfig
 
-    rules = {
-        "max_new_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
-        "min_new_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
-        "do_sample": (lambda v: isinstance(v, bool), "True or False"),
-        "temperature": (lambda v: number(v) and v > 0, "a number > 0"),
-        "top_p": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
-        "streamer": (lambda v: callable(getattr(v, "put", None)) and callable(getattr(v, "end", None)),
-                     "a streamer with put() and end(), e.g. transformers.TextIteratorStreamer"),
-        "eos_token_id": (lambda v: isinstance(v, int) or (isinstance(v, (list, tuple)) and v
-                                                            and all(isinstance(i, int) for i in v)),
-                         "a token id or a list of them"),
-    }
-    for name, (valid, expected) in rules.items():
-        if name in overrides and overrides[name] is not None and not valid(overrides[name]):
-            raise ValueError(f"{name} must be {expected}, got {overrides[name]!r:.60}")
+    config = text_model.config
+    text_model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                                    pad_token_id=getattr(config, "pad_token_id", None))
+    return text_model
+
+
+def _whole(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(test):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v)
+
+
+OVERRIDE_RULES = {  # generate itself takes max_new_tokens=2.5, top_p=1.5 or do_sample="yes" without a word
+    "max_new_tokens": (_whole(1), "an int >= 1"),
+    "min_new_tokens": (_whole(0), "an int >= 0"),
+    "do_sample": (lambda v: isinstance(v, bool), "True or False"),
+    "temperature": (_number(lambda v: v > 0), "a number > 0"),
+    "top_p": (_number(lambda v: 0 < v <= 1), "a number in (0, 1]"),
+    "top_k": (_whole(0), "an int >= 0"),
+    "streamer": (lambda v: callable(getattr(v, "put", None)) and callable(getattr(v, "end", None)),
+                 "a streamer with put() and end(), e.g. transformers.TextIteratorStreamer"),
+    "eos_token_id": (lambda v: isinstance(v, int) or (isinstance(v, (list, tuple)) and v
+                                                      and all(isinstance(i, int) for i in v)),
+                     "a token id or a list of them"),
+}
 
 
 def generation_kwargs(tokenizer, overrides):
-    """Keyword arguments for ``generate``: the original's defaults, then the caller's overrides."""
-    _check_overrides(overrides)
+    """Keyword arguments for ``generate``: the original's defaults, then the caller's overrides (the common
+    ones checked first, by name, before any picture is encoded)."""
+    for name, (valid, expected) in OVERRIDE_RULES.items():
+        if overrides.get(name) is not None and not valid(overrides[name]):
+            raise ValueError(f"{name} must be {expected}, got {overrides[name]!r:.60}")
     stops = stop_token_ids(tokenizer)
     kwargs = {
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,

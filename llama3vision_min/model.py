@@ -8,7 +8,7 @@
 ``tokenizer_image_token``, ``process_tensors``, ``answer_question``) so code written
 for one runs on the other -- without ``trust_remote_code``. The class reads top to bottom:
 the parts, the picture's path, the forward pass, generation; loading and saving come last
-(the code for them is ``loading.py``, step 8).
+(``loading.py``, step 8, reads the files; the device and dtype are chosen here).
 
 Sources:
 
@@ -22,14 +22,20 @@ Sources:
   arXiv 2303.15343 (the tower); Llama 3, arXiv 2407.21783 (the LLM)
 """
 
+import json
+from pathlib import Path
+
 import torch
+from huggingface_hub import save_torch_state_dict
 from torch import nn
 
 from . import loading
+from .constants import IMAGE_TOKEN_INDEX
 from .chat import CachedChat, ChatSession
 from .generation import cut_at_stop, generation_kwargs
 from .image import make_processor, preprocess_images, vision_features
 from .prompt import chat_segments
+from .scratch.weights import check_implementation, take_over
 from .splice import process_tensors, splice_batch
 from .token_split import prompt_ids, tokenizer_image_token
 
@@ -104,30 +110,35 @@ class LlamaVision(nn.Module):
         return batch
 
     # -- generation --------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate_from_conversations(self, conversations, images, tokenizer, special_tokens_in_text=False,
-                                    **generate_kwargs):
-        """Generate the next answer of each conversation about its picture; returns one 1-D id tensor each.
+    def prepare(self, conversations, images, tokenizer, special_tokens_in_text=False):
+        """Conversations and their pictures -> ``(ids, batch)``: the one path from text and pixels to what
+        the LLM reads (generation, ``CachedChat`` and ``lens`` all start here).
 
         conversations: ``[[(question, answer), ..., (question, None)], ...]``, the picture in the first
                        user turn (``prompt.chat_segments``); images: one picture per conversation.
+        ids:           one 1-D tensor per conversation, with its ``-200``
+        batch:         the ``SplicedBatch``, left-padded so every prompt ends where generation begins
         What people wrote is read as text, even ``<|eot_id|>`` typed in a question; pass
-        ``special_tokens_in_text=True`` to read it as the original does. Rows are left-padded so every
-        prompt ends where generation begins.
+        ``special_tokens_in_text=True`` to read it as the original does.
         """
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"expected a non-empty list of conversations, got {conversations!r}")
         if not isinstance(images, (list, tuple)) or len(images) != len(conversations):
             raise ValueError(f"expected one picture per conversation ({len(conversations)}), got {images!r:.80}")
         ids = [prompt_ids(chat_segments(turns), tokenizer, special_tokens_in_text) for turns in conversations]
-        kwargs = generation_kwargs(tokenizer, generate_kwargs)  # checked before any picture is encoded
         image_features = self.encode_images(self.preprocess(images))  # (n_images, n_patches, hidden)
-        batch = self.splice(ids, image_features, padding_side="left")
+        return ids, self.splice(ids, image_features, padding_side="left")  # (batch, T, hidden)
+
+    @torch.inference_mode()
+    def generate_from_conversations(self, conversations, images, tokenizer, special_tokens_in_text=False,
+                                    **generate_kwargs):
+        """Generate the next answer of each conversation about its picture (``prepare`` says how they are
+        read); returns one 1-D id tensor per conversation."""
+        kwargs = generation_kwargs(tokenizer, generate_kwargs)
+        _, batch = self.prepare(conversations, images, tokenizer, special_tokens_in_text)
         # With only inputs_embeds, generate returns the new tokens alone: (batch, n_new)
         new_tokens = self.text_model.generate(inputs_embeds=batch.inputs_embeds,
                                               attention_mask=batch.attention_mask, **kwargs)
-        if len(conversations) == 1:
-            return [new_tokens[0]]
         # Rows that stopped early are padded; cut each after the stop ids generate actually used.
         stops = kwargs["eos_token_id"]
         stops = [stops] if isinstance(stops, int) else list(stops or [])
@@ -162,15 +173,19 @@ class LlamaVision(nn.Module):
             return CachedChat(self, image, tokenizer, **generate_kwargs)
         return ChatSession(self, image, tokenizer, **generate_kwargs)
 
-    # -- loading and saving (the code lives in loading.py) ---------------------------------
+    # -- loading and saving: loading.py reads the files; here the model is placed ------------
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype=None, device=None, implementation="transformers"):
         """Load a checkpoint in the ``-hf`` layout (a local folder or a Hub id).
 
         By default on the GPU when there is one, in float16 there; on a CPU in bfloat16 where it computes it,
-        else float32 (``loading.choose_dtype``). ``implementation="scratch"``: the towers are ``scratch/``'s.
+        else float32 (``choose_dtype``). ``implementation="scratch"``: the towers are ``scratch/``'s.
         """
-        return loading.load_hf_layout(cls, path_or_hub_id, dtype=dtype, device=device, implementation=implementation)
+        check_implementation(implementation)
+        model = loading.load_hf_layout(cls, path_or_hub_id)  # on the CPU, as stored
+        device = choose_device(device)
+        model.to(device=device, dtype=dtype or choose_dtype(device, model.mm_projector.model[0].weight.dtype))
+        return take_over(model, implementation)
 
     @classmethod
     def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False,
@@ -178,12 +193,65 @@ class LlamaVision(nn.Module):
         """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
 
         Swapping the LLM is changing ``llm``: the projector is reused as it is. Device and dtype as for
-        ``from_pretrained``; ``load_in_4bit`` quantises the LLM (bitsandbytes, on a GPU or a CPU).
+        ``from_pretrained`` (the dtype chosen for the LLM's stored one); ``load_in_4bit`` quantises the LLM
+        (bitsandbytes, on a GPU or a CPU).
         """
-        return loading.load_alpha_form(cls, llm, vision, projector, dtype=dtype, device=device,
-                                       load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                                       implementation=implementation)
+        check_implementation(implementation)
+        device = choose_device(device)
+        dtype = dtype or choose_dtype(device, loading.stored_dtype(llm))
+        model = loading.load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit, load_in_8bit)
+        return take_over(model, implementation)
 
-    def save_pretrained(self, path):
-        """Write this model in the ``-hf`` layout that ``from_pretrained`` reads."""
-        loading.save_hf_layout(self, path)
+    def save_pretrained(self, path, max_shard_size="5GB"):
+        """Write this model in the ``-hf`` layout that ``from_pretrained`` reads: SigLIP's keys nested, as
+        transformers 4.x (the official checkpoint's era) writes them, a tied head stored once.
+        ``huggingface_hub`` writes the shards and deletes an earlier save's (a stale index would be read)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": "llamavision", "architectures": ["LlamaVision"], "image_token_index": IMAGE_TOKEN_INDEX,
+                  "text_config": with_legacy_rope(self.text_model.config.to_dict()),
+                  "vision_config": self.vision_model.config.to_dict()}
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = {loading.model_key(key, nested_siglip=True): tensor.detach().contiguous().cpu()
+                 for key, tensor in self.state_dict().items()}
+        if getattr(self.text_model.config, "tie_word_embeddings", False):
+            state.pop("text_model.lm_head.weight", None)
+        save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
+
+
+# -- where, and in what precision ------------------------------------------------------------------
+def choose_device(device=None):
+    """``device`` as given; by default the first GPU when there is one, else the CPU."""
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_computes_bfloat16():
+    """True when this CPU has bfloat16 instructions (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_dtype(device, stored=torch.float32):
+    """float16 on a GPU, as the original runs. On a CPU float32 weights stay float32, and half precision
+    becomes bfloat16 where the CPU computes it, else float32 (a CPU's float16 matmuls are far slower)."""
+    if torch.device(device).type == "cuda":
+        return torch.float16
+    if stored in (None, torch.float32, torch.float64) or not cpu_computes_bfloat16():
+        return torch.float32
+    return torch.bfloat16
+
+
+def with_legacy_rope(text_config):
+    """A text-config dict that transformers 4.x reads with the right RoPE too: 5.x writes ``rope_parameters``,
+    which 4.x does not know (it would use theta 10000; Llama 3's is 500000), so ``rope_theta`` (and
+    ``rope_scaling`` for a non-default RoPE) are added; 5.x reads them too."""
+    config = dict(text_config)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    return config
+

@@ -28,16 +28,6 @@ ASSISTANT_HEADER = ASSISTANT + "\n\n"
 """What the prompt ends with: the model continues from here."""
 
 
-def user_turn(text: str) -> str:
-    """One user turn in the Llama 3 chat format."""
-    return USER_HEADER + text + EOT_TOKEN
-
-
-def assistant_turn(text: str) -> str:
-    """One finished assistant turn (used for chat history and for training targets)."""
-    return ASSISTANT_HEADER + text + EOT_TOKEN
-
-
 def build_prompt(question: str) -> str:
     """The single-turn prompt of the original model: image first, then the question."""
     return build_chat_prompt([(question, None)])

@@ -88,13 +88,9 @@ class SplicedBatch:
 
 def _rows(input_ids, attention_mask, labels):
     """Yield each prompt's real ids (and labels) with the padding removed."""
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        labels = None if labels is None else labels.reshape(1, -1)
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length) or (length,), got shape {tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         for name, other in (("attention_mask", attention_mask), ("labels", labels)):
             if other is not None and tuple(other.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "

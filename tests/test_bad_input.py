@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 import llama3vision_original as original
 from llama3vision_min import LlamaVision, build_chat_prompt, build_prompt, process_tensors, splice_batch
 from llama3vision_min.image import to_rgb
-from llama3vision_min.loading import load_projector, load_tokenizer
+from llama3vision_min.loading import load_tokenizer
+from llama3vision_min.projector import load_projector
 from llama3vision_min.prompt import chat_segments
 from llama3vision_min.token_split import prompt_ids, tokenizer_image_token
 
@@ -257,11 +258,12 @@ def _ids(tokenizer):
     (lambda ids: ids.bool()[None], ["integer token ids", "torch.bool"]),
     (lambda ids: torch.cat([ids, torch.tensor([10_000])])[None], ["10000", "neither a token id"]),
     (lambda ids: torch.cat([ids, torch.tensor([-5])])[None], ["-5", "image sentinel (-200)"]),
-    (lambda ids: ids[None, None], ["(batch, length) or (length,)", "(1, 1,"]),
+    (lambda ids: ids[None, None], ["(batch, length)", "(1, 1,"]),
+    (lambda ids: ids, ["(batch, length)", "got shape ("]),
     (lambda ids: [], ["an empty batch"]),
     (lambda ids: [ids[None]], ["list of 1-D id tensors"]),
     (lambda ids: [ids.tolist()], ["list of 1-D id tensors"]),
-], ids=["float", "bool", "past-vocabulary", "negative", "3-d", "empty", "2-d-in-list", "python-list"])
+], ids=["float", "bool", "past-vocabulary", "negative", "3-d", "1-d", "empty", "2-d-in-list", "python-list"])
 def test_ids_the_splice_refuses(tiny, make, words):
     model, tokenizer = tiny
     features = torch.zeros(1, 16, model.text_model.config.hidden_size)
@@ -766,11 +768,11 @@ def test_stage1_warmup_outside_zero_to_one(stage1, tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--per-device-batch", "0"], ["--per-device-batch: must be above 0"]),
-    (["--global-batch", "-8"], ["--global-batch: must be above 0"]),
+    (["--per-device-batch", "0"], ["--per-device-batch: must be at least 1"]),
+    (["--global-batch", "-8"], ["--global-batch: must be at least 1"]),
     (["--lr", "0"], ["--lr: must be above 0"]),
-    (["--max-steps", "0"], ["--max-steps: must be above 0"]),
-    (["--limit", "-1"], ["--limit: must be above 0"]),
+    (["--max-steps", "0"], ["--max-steps: must be at least 1"]),
+    (["--limit", "-1"], ["--limit: must be at least 1"]),
 ], ids=["batch-zero", "global-negative", "lr-zero", "steps-zero", "limit-negative"])
 def test_stage1_usage_errors(stage1, tmp_path, capfd, argv, words):
     usage_error(lambda: stage1(*argv, out=tmp_path / "out"), capfd, *words)

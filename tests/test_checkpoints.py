@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llama3vision_min import LlamaVision, ProjectionModule, build_prompt, tokenizer_image_token
-from llama3vision_min.loading import save_hf_layout
 from llama3vision_min.miniature.stand_ins import make_configs
 
 from conftest import make_image
@@ -183,7 +182,7 @@ def test_checkpoint_without_the_unused_siglip_head_loads(tiny, saved, copy_of_sa
 
 def test_sharded_checkpoint_loads_identically(tiny, saved, tmp_path):
     model, tokenizer = tiny
-    save_hf_layout(model, tmp_path, max_shard_size="100KB")
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) >= 3 and "model.safetensors" not in shards

@@ -13,7 +13,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from llama3vision_min import build_prompt, splice_batch, tokenizer_image_token
-from llama3vision_min.prompt import ASSISTANT_HEADER, user_turn
+from llama3vision_min.constants import EOT_TOKEN
+from llama3vision_min.prompt import ASSISTANT_HEADER, USER_HEADER
 from llama3vision_min.token_split import continuation_ids
 from llama3vision_min.tools.llava_export import n_patches
 
@@ -394,7 +395,7 @@ def test_cached_follow_up_equals_a_fresh_run_over_the_whole_conversation(tiny):
     chat = model.chat(image, tokenizer, reuse_cache=True, **fixed)
     chat.ask("what is this?")
     n_turn1 = len(chat.sequence)  # prompt (image rows as pad ids) + answer + closing <|eot_id|>
-    turn2 = continuation_ids(user_turn("what colour is the shape?") + ASSISTANT_HEADER, tokenizer)
+    turn2 = continuation_ids(USER_HEADER + "what colour is the shape?" + EOT_TOKEN + ASSISTANT_HEADER, tokenizer)
     fork = chat.fork()
     chat.ask("what colour is the shape?")
     answer2 = torch.tensor(chat.sequence[n_turn1 + len(turn2): -1])  # the appended <|eot_id|> dropped

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import llama3vision_min.loading as loading
+import llama3vision_min.model as model_module
 from llama3vision_min import LlamaVision, process_tensors
 from llama3vision_min.tools.backend import PHOTO, REAL_LLM, REAL_PROJECTOR, REAL_VISION
 
@@ -274,10 +275,10 @@ def test_the_real_configs_module_tree_gives_the_real_indexs_743_names(fake_hub):
 
 # -- loading the real ids -----------------------------------------------------------------------
 def test_alpha_form_loads_from_the_hub_ids_where_and_as_chosen(alpha, tokenizer):
-    device = loading.choose_device()  # the GPU when there is one, else the CPU
+    device = model_module.choose_device()  # the GPU when there is one, else the CPU
     assert alpha.device.type == device.type
     # one dtype for the whole model, chosen from the LLM's stored bfloat16: float16 on a GPU, never on a CPU
-    expected = loading.choose_dtype(device, torch.bfloat16)
+    expected = model_module.choose_dtype(device, torch.bfloat16)
     assert {p.dtype for p in alpha.parameters()} == {expected}
     assert device.type == "cuda" or expected in (torch.bfloat16, torch.float32)
     ids = alpha.answer_question(Image.open(PHOTO), "what is this?", tokenizer, do_sample=False, max_new_tokens=4,
@@ -293,7 +294,7 @@ def test_hf_form_loads_from_the_hub_id_and_a_float16_checkpoint_leaves_float16_o
         with safe_open(hf_hub_download(REAL_HF, shard), framework="pt") as handle:
             assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.float16}  # as the real
     for computes_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: computes_bf16)
+        monkeypatch.setattr(model_module, "cpu_computes_bfloat16", lambda: computes_bf16)
         model = LlamaVision.from_pretrained(REAL_HF)
         assert model.device.type == "cpu" and {p.dtype for p in model.parameters()} == {expected}
     assert LlamaVision.from_pretrained(REAL_HF, dtype=torch.float16).text_model.dtype == torch.float16  # if asked
@@ -358,8 +359,8 @@ def test_the_remote_code_stand_ins_would_show_if_they_ran(fake_hub, tmp_path):
     (torch.bfloat16, "cpu", False, torch.float32), (torch.float32, "cpu", True, torch.float32),
     (torch.float32, "cuda", False, torch.float16), (torch.bfloat16, "cuda:0", True, torch.float16)])
 def test_dtype_choice(monkeypatch, stored, device, bf16, expected):
-    monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: bf16)
-    assert loading.choose_dtype(device, stored) == expected
+    monkeypatch.setattr(model_module, "cpu_computes_bfloat16", lambda: bf16)
+    assert model_module.choose_dtype(device, stored) == expected
 
 
 class Heard(logging.Handler):
@@ -528,7 +529,7 @@ def test_cli_refuses_what_does_not_go_together_in_one_line(fake_hub, capsys, arg
 def test_stage1_trial_runs_on_the_cpu_with_the_real_ids(fake_hub, tmp_path):
     """The trainer's command line with its defaults (the real ids), in a process of its own (accelerate's
     state is one per process)."""
-    from llama3vision_min.loading import load_projector
+    from llama3vision_min.projector import load_projector
 
     data = Path(fake_hub) / "LLaVA-Pretrain"
     done = subprocess.run([sys.executable, "-m", "llama3vision_min.training.stage1",

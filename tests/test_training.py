@@ -12,7 +12,8 @@ import torch
 
 from llama3vision_min import LlamaVision
 from llama3vision_min.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llama3vision_min.loading import load_projector, load_tokenizer
+from llama3vision_min.loading import load_tokenizer
+from llama3vision_min.projector import load_projector
 from llama3vision_min.training.data import Collator, LlavaPretrain, caption_example
 from llama3vision_min.training.stage1 import main, train_stage1
 

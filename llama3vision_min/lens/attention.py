@@ -40,10 +40,8 @@ def question_ids(tokenizer, question, answer_ids=None):
 
 def spliced_prompt(model, tokenizer, image, question):
     """The prompt for ``question`` about ``image``, spliced, and where the picture lies in it."""
-    ids = question_ids(tokenizer, question)  # (L,)
-    features = model.encode_images(model.preprocess([image]))  # (1, P, width)
-    batch = model.splice(ids[None], features)
-    start, patches = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0]), features.shape[1]
+    (ids,), batch = model.prepare([[(question, None)]], [image], tokenizer)  # ids (L,) with one -200
+    start, patches = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0]), batch.inputs_embeds.shape[1] - len(ids) + 1
     return Prompt(ids[None], batch.inputs_embeds, batch.attention_mask, slice(start, start + patches),
                   grid_side(patches))
 

@@ -11,13 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def _positive_int(text):
-    """argparse type: a whole number >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from ..training.stage1 import _positive_int
 
 
 def _parser():

@@ -1,10 +1,9 @@
 """The towers' weights into the from-scratch modules: from transformers' modules, or from a checkpoint.
 
-Both from-scratch towers carry transformers' parameter names, so a checkpoint's state dict loads into
-them as it is (``loading.load_hf_layout`` does that with ``implementation="scratch"``). A model that
-transformers has already loaded -- the alpha form's LLM and SigLIP, possibly in 4-bit -- is taken
-over instead: the from-scratch module is built around the very same tensors and projection modules,
-so nothing is copied and a bitsandbytes ``Linear4bit`` serves as a projection unchanged.
+Both forms load into transformers' modules first (the -hf form by one strict ``load_state_dict``, the alpha
+form through ``from_pretrained``, possibly in 4-bit); ``take_over`` then builds the from-scratch towers around
+the very same tensors and projection modules, so nothing is copied and a bitsandbytes ``Linear4bit`` serves
+as a projection unchanged. (Both towers carry transformers' parameter names, so a state dict fits either.)
 """
 
 import copy
@@ -20,6 +19,17 @@ IMPLEMENTATIONS = ("transformers", "scratch")
 def check_implementation(implementation):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def take_over(model, implementation):
+    """``model`` (a ``LlamaVision`` loaded with transformers' towers) with ``scratch/``'s towers around the
+    same tensors when ``implementation="scratch"`` (the LLM only when it is a Llama); as it is otherwise."""
+    check_implementation(implementation)
+    if implementation == "scratch":
+        if model.text_model.config.model_type == "llama":
+            model.text_model = llm_from_transformers(model.text_model)
+        model.vision_model = vision_from_transformers(model.vision_model)
+    return model
 
 
 def vision_from_transformers(tower):

@@ -144,7 +144,8 @@ def load_real_vision():
     import torch
     from huggingface_hub import hf_hub_download
 
-    from ..loading import load_projector, load_vision_tower
+    from ..loading import load_vision_tower
+    from ..projector import load_projector
     from ..model import LlamaVision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

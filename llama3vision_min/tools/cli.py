@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..training.stage1 import _positive_int
+
 DEFAULT_MODEL = "mini"
 """The model used when neither ``--model`` nor ``--llm`` is given: the shipped miniature (trained on coloured shapes)."""
 
@@ -69,14 +71,6 @@ def _parser():
     return parser
 
 
-def _positive_int(text):
-    """argparse type: a whole number >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _open_image(path):
     import warnings
 
@@ -101,7 +95,7 @@ def _placement(args):
     """``(device, dtype)`` from ``--device`` / ``--dtype``; ``dtype`` None leaves the loader's choice."""
     import torch
 
-    from ..loading import choose_device
+    from ..model import choose_device
 
     try:
         device = choose_device(args.device)
@@ -113,8 +107,8 @@ def _placement(args):
 
 
 def _load_model(args):
-    from ..loading import choose_dtype, load_tokenizer
-    from ..model import LlamaVision
+    from ..loading import load_tokenizer
+    from ..model import LlamaVision, choose_dtype
     from .backend import REAL_PROJECTOR, REAL_VISION
 
     alpha = args.llm is not None

@@ -41,11 +41,12 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 
 from ..constants import DEFAULT_TEMPERATURE, EOT_TOKEN
 from ..generation import stop_token_ids
 from ..image import make_processor
-from ..loading import fit_siglip_keys, save_state_dict, with_legacy_rope
+from ..model import with_legacy_rope
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it too)."""
@@ -189,7 +190,9 @@ def to_llava(model, tokenizer, image_token=IMAGE_TOKEN):
     vision = _child(llava, "model.vision_tower", "vision_tower")
     projector = _child(llava, "model.multi_modal_projector", "multi_modal_projector")
     decoder = _child(llava, "model.language_model", "language_model.model", "language_model")
-    vision.load_state_dict(fit_siglip_keys(_siglip_state(model), vision), strict=True, assign=True)
+    nested = any(key.startswith("vision_model.") for key in vision.state_dict())  # transformers 4.x nests SigLIP
+    vision.load_state_dict({"vision_model." * nested + key: tensor for key, tensor in _siglip_state(model).items()},
+                           strict=True, assign=True)
     projector.load_state_dict(_projector_state(model), strict=True, assign=True)
     decoder.load_state_dict(model.text_model.get_decoder().state_dict(), strict=True, assign=True)
     if config.tie_word_embeddings:
@@ -265,7 +268,8 @@ def export_llava(model, tokenizer, out_dir, vllm_names=False, image_token=IMAGE_
     folder.mkdir(parents=True, exist_ok=True)
     if vllm_names:
         llava.config.save_pretrained(folder)
-        save_state_dict(vllm_state_dict(model), folder, max_shard_size)
+        state = {key: tensor.detach().contiguous().cpu() for key, tensor in vllm_state_dict(model).items()}
+        save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
     else:
         llava.save_pretrained(folder, max_shard_size=max_shard_size)
     _generation_config(tokenizer).save_pretrained(folder)

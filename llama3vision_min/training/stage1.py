@@ -113,14 +113,20 @@ def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_
 
 
 # -- command line --------------------------------------------------------------------------------
-def _positive(kind):
-    """argparse type: a number of ``kind`` above zero."""
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-        return value
-    return parse
+def _positive_int(text):
+    """argparse type: a whole number >= 1 (the command lines of the miniature and of ``tools/cli.py`` use it too)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text):
+    """argparse type: a number above 0 (the learning rate)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
 
 
 def parse_args(argv=None):
@@ -131,13 +137,13 @@ def parse_args(argv=None):
     parser.add_argument("--llm", default="unsloth/llama-3-8b-Instruct",
                         help="the frozen LLM (default: %(default)s, an ungated copy of Meta-Llama-3-8B-Instruct)")
     parser.add_argument("--vision", default="google/siglip-so400m-patch14-384")
-    parser.add_argument("--lr", type=_positive(float), default=1e-3)
-    parser.add_argument("--global-batch", type=_positive(int), default=256)
-    parser.add_argument("--per-device-batch", type=_positive(int), default=16)
-    parser.add_argument("--epochs", type=_positive(int), default=1)
+    parser.add_argument("--lr", type=_positive_float, default=1e-3)
+    parser.add_argument("--global-batch", type=_positive_int, default=256)
+    parser.add_argument("--per-device-batch", type=_positive_int, default=16)
+    parser.add_argument("--epochs", type=_positive_int, default=1)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--max-steps", type=_positive(int), default=None, help="stop after this many updates (trial runs)")
-    parser.add_argument("--limit", type=_positive(int), default=None, help="use only the first N examples")
+    parser.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many updates (trial runs)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N examples")
     parser.add_argument("--load-in-4bit", action="store_true", help="the frozen LLM in 4-bit (bitsandbytes)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -150,7 +156,7 @@ def precision(device):
     LLaVA trains in bfloat16. A GPU without it (a T4) uses float16; a CPU uses bfloat16 where it
     computes it, else float32 -- a CPU run is for trials only.
     """
-    from ..loading import cpu_computes_bfloat16
+    from ..model import cpu_computes_bfloat16
 
     if device.type == "cuda":
         return (torch.bfloat16, "bf16") if torch.cuda.is_bf16_supported() else (torch.float16, "fp16")
