@@ -47,12 +47,12 @@ test-tf4: $(VENV_TF4)/.installed
 	$(VENV_TF4)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(OFFLINE) $(VENV_TF4)/bin/python -m pytest tests $(PYTEST_ARGS)  # notebooks store 5.x outputs
 
-# Colab, rehearsed (tests/test_colab.py): a Colab-like environment (.venv-colab: torch and Colab's own kernel
+# Colab, rehearsed (tests/repo/test_colab.py): a Colab-like environment (.venv-colab: torch and Colab's own kernel
 # pins), the setup cell's install from a clean clone of HEAD (commit first), each notebook run alone in that
 # kernel on the real backend (fake Hub) and on auto, two at a time. About 5 minutes on 2 cores (3.5 once the
 # environment is built: it is kept).
 test-colab: $(VENV)/.installed
-	LLAMA3VISION_COLAB_REHEARSAL=1 TORCH="$(TORCH)" $(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/test_colab.py $(PYTEST_ARGS)
+	LLAMA3VISION_COLAB_REHEARSAL=1 TORCH="$(TORCH)" $(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/repo/test_colab.py $(PYTEST_ARGS)
 
 # llama.cpp itself (llama-cpp-python builds it from source: about 20 minutes on 2 cores the first time; pip
 # keeps the built wheel, so later installs take seconds), then the GGUF export checked against it.
@@ -61,11 +61,11 @@ llama-cpp: $(VENV)/.installed
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/python -m pip install --quiet "$(LLAMA_CPP)"
 
 test-llama-cpp: llama-cpp
-	$(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/test_gguf.py tests/test_bench.py::test_the_llama_cpp_rows $(PYTEST_ARGS)
+	$(OFFLINE) $(VENV)/bin/python -m pytest -rs tests/workshop/test_gguf.py tests/workshop/test_bench.py::test_the_llama_cpp_rows $(PYTEST_ARGS)
 
 # On a machine that reaches the Hugging Face Hub (e.g. Colab): compare with the official remote code.
 test-online: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -m online -rs tests/test_official_remote.py
+	$(VENV)/bin/python -m pytest -m online -rs tests/parity/test_official_remote.py
 
 # Re-execute every notebook in place (offline backend), so the stored outputs match the code.
 notebooks: $(VENV)/.installed

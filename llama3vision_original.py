@@ -10,7 +10,7 @@ of https://huggingface.co/qresearch/llama-3-vision-alpha-hf and the script of
 https://huggingface.co/qresearch/llama-3-vision-alpha, which reuse LLaVA's helpers
 (https://github.com/haotian-liu/LLaVA) -- and it deliberately imports nothing of
 ``llama3vision_min``: a bug shared by both would hide a parity failure. It is the "original"
-side of the parity tests (``tests/test_parity_reference.py``), of the benchmark
+side of the parity tests (``tests/parity/test_parity_reference.py``), of the benchmark
 (``benchmarks/bench.py``) and of the notebooks' side-by-side cells.
 
     step   here                          in llama3vision_min

@@ -1,18 +1,16 @@
-"""Step 8: loading both published forms without ``trust_remote_code``.
+"""Step 8: both published forms, loaded without ``trust_remote_code``.
 
-* The **-hf form** (``qresearch/llama-3-vision-alpha-hf``): a ``config.json`` holding ``text_config`` and
-  ``vision_config``, and safetensors keyed ``text_model.``, ``vision_model.``, ``mm_projector.`` --
-  ``LlamaVision``'s own attribute names. One pass reads every tensor under one name, whatever form its key
-  came in, and checks sizes, shards, dtypes and duplicates; then the model is built on the meta device and
-  filled by one ``load_state_dict(strict=True, assign=True)``, as nanochat's ``checkpoint_manager.py`` does.
-* The **alpha form** (``qresearch/llama-3-vision-alpha``): a Llama 3 LLM and a SigLIP model as they are,
-  plus ``mm_projector.bin`` (``projector.load_projector`` reads it without running code).
+* **-hf** (``qresearch/llama-3-vision-alpha-hf``): ``config.json`` with ``text_config`` and ``vision_config``,
+  safetensors keyed ``text_model.``, ``vision_model.``, ``mm_projector.`` -- ``LlamaVision``'s own attribute
+  names. One pass reads every tensor under one name (whatever form its key came in) and checks sizes, shards,
+  dtypes and duplicates; the model is built on the meta device and filled by one ``load_state_dict(strict=True,
+  assign=True)``, as nanochat's ``checkpoint_manager.py`` does.
+* **alpha** (``qresearch/llama-3-vision-alpha``): a Llama 3 LLM and a SigLIP model as they are, plus
+  ``mm_projector.bin`` (``projector.load_projector`` reads it without running code).
 
-Where the model runs and in what precision, and ``implementation="scratch"``, are ``LlamaVision``'s
-``from_pretrained`` / ``from_alpha`` (``model.py``); saving is its ``save_pretrained``.
-
-Sources: https://huggingface.co/qresearch/llama-3-vision-alpha (transcribed in ``llama3vision_original.py``),
-https://huggingface.co/qresearch/llama-3-vision-alpha-hf/tree/main, and nanochat's checkpoint manager
+Device, dtype and ``implementation="scratch"`` are ``LlamaVision.from_pretrained`` / ``from_alpha``'s (``model.py``).
+Sources: https://huggingface.co/qresearch/llama-3-vision-alpha-hf/tree/main, the alpha form's script
+(https://huggingface.co/qresearch/llama-3-vision-alpha) and nanochat's checkpoint manager
 (https://github.com/karpathy/nanochat/blob/master/nanochat/checkpoint_manager.py).
 """
 
@@ -125,12 +123,12 @@ def _weight_files(folder):
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index} must hold a 'weight_map' of tensor names to shard file names")
     shards = sorted(set(weight_map.values()))
-    for shard in shards:  # refused before the file system is asked anything about them
-        if Path(shard).is_absolute() or ".." in Path(shard).parts:
-            raise ValueError(f"{index} names shard {shard!r} outside the model folder")
-    for shard in shards:
-        if not (folder / shard).is_file():
-            raise ValueError(f"{index} names shard {shard!r}, which is not in {folder}")
+    outside = [shard for shard in shards if Path(shard).is_absolute() or ".." in Path(shard).parts]
+    if outside:  # refused before the file system is asked anything about them
+        raise ValueError(f"{index} names shard {outside[0]!r} outside the model folder")
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:
+        raise ValueError(f"{index} names shard {missing[0]!r}, which is not in {folder}")
     return [folder / shard for shard in shards]
 
 
@@ -154,35 +152,31 @@ def _read_weights(folder, name_of):
     return state
 
 
-SIZES = {  # (sizes that must be whole numbers >= 1, the key part that counts layers, a weight showing 2 sizes)
-    "text_config": (("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-                    "text_model.model.layers.", "embed_tokens.weight", ("vocab_size", "hidden_size")),
-    "vision_config": (("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                       "num_attention_heads"), "encoder.layers.", "patch_embedding.weight", ("hidden_size", "patch_size")),
-}
-
-
-def _check_sizes(folder, state, configs):
+def _check_sizes(folder, state, text_config, vision_config):
     """Each config's sizes are whole positive numbers that agree with the weights: checked before anything is
     built (a config asking for millions of layers would otherwise be built first)."""
-    for what, config in configs.items():
-        whole, layer_key, shown_by, shown = SIZES[what]
-        for name in whole:
+    for what, config in (("text_config", text_config), ("vision_config", vision_config)):
+        text = what == "text_config"
+        whole = ("vocab_size",) if text else ("image_size", "patch_size")
+        for name in whole + ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             value = getattr(config, name, None)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{folder}: {what}.{name} must be a whole number >= 1, found {value!r}")
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"{folder}: {what}.hidden_size ({config.hidden_size}) is not a multiple of "
                              f"num_attention_heads ({config.num_attention_heads})")
-        layers = sorted((int(key.split(layer_key)[1].split(".")[0]), key) for key in state if layer_key in key)
+        layer = "text_model.model.layers." if text else "encoder.layers."
+        layers = sorted((int(key.split(layer)[1].split(".")[0]), key) for key in state if layer in key)
         if layers and layers[-1][0] + 1 != config.num_hidden_layers:
             raise ValueError(f"{folder}: config.json gives {what}.num_hidden_layers = {config.num_hidden_layers}, "
                              f"but the weights hold {layers[-1][0] + 1} layers, the last {layers[-1][1]}")
-        key = next((key for key in state if key.endswith(shown_by)), None)
-        said, found = tuple(getattr(config, name) for name in shown), key and (state[key].shape[0], state[key].shape[-1])
-        if key and found != said:
-            raise ValueError(f"{folder}: config.json gives {what}.({', '.join(shown)}) = {said}, "
-                             f"but the weights hold {found} ({key})")
+        names = ("vocab_size", "hidden_size") if text else ("hidden_size", "patch_size")
+        key = next((key for key in state if key.endswith("embed_tokens.weight" if text else "patch_embedding.weight")),
+                   None)
+        said = tuple(getattr(config, name) for name in names)
+        if key and (state[key].shape[0], state[key].shape[-1]) != said:  # (vocab, width) or (width, .., patch)
+            raise ValueError(f"{folder}: config.json gives {what}.({', '.join(names)}) = {said}, but the weights "
+                             f"hold {(state[key].shape[0], state[key].shape[-1])} ({key})")
 
 
 def load_strict(module, state, folder):
@@ -213,7 +207,7 @@ def load_hf_layout(cls, path_or_hub_id):
     folder = _resolve_folder(path_or_hub_id, ["*.json", "*.jinja", "*.safetensors", "tokenizer*"])
     text_config, vision_config = _sub_configs(_read_config(folder))
     state = _read_weights(folder, model_key)
-    _check_sizes(folder, state, {"text_config": text_config, "vision_config": vision_config})
+    _check_sizes(folder, state, text_config, vision_config)
     if text_config.tie_word_embeddings and "text_model.model.embed_tokens.weight" in state:
         state.setdefault("text_model.lm_head.weight", state["text_model.model.embed_tokens.weight"])
     if not any(key.startswith("vision_model.head.") for key in state):
@@ -293,12 +287,9 @@ def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=Fal
     vision_model = load_vision_tower(vision)
     widths = vision_model.config.hidden_size, text_model.config.hidden_size
     mm_projector = ProjectionModule(*widths) if projector is None else load_projector(_projector_file(projector))
-    if mm_projector.mm_hidden_size != widths[0]:
-        raise ValueError(f"the projector takes {mm_projector.mm_hidden_size}-wide features but the vision model "
-                         f"gives {widths[0]}")
-    if mm_projector.hidden_size != widths[1]:
-        raise ValueError(f"the projector gives {mm_projector.hidden_size}-wide vectors but the LLM embeds in "
-                         f"{widths[1]}")
+    if (mm_projector.mm_hidden_size, mm_projector.hidden_size) != widths:
+        raise ValueError(f"the projector maps {mm_projector.mm_hidden_size}-wide features to {mm_projector.hidden_size}"
+                         f"-wide vectors, but the vision model gives {widths[0]} and the LLM embeds in {widths[1]}")
     for part in (vision_model, mm_projector) + ((text_model,) if not quantized else ()):
         part.to(device=device, dtype=dtype)
     return cls(vision_model=vision_model, text_model=text_model, mm_projector=mm_projector).eval()

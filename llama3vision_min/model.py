@@ -17,7 +17,7 @@ Sources:
 * LLaVA's ``LlavaMetaForCausalLM`` in ``llava/model/llava_arch.py`` (``encode_images``, the splice
   before the LLM): https://github.com/haotian-liu/LLaVA/blob/main/llava/model/llava_arch.py
 * transformers' ``LlavaForConditionalGeneration`` in ``models/llava/modeling_llava.py``, which holds
-  the same model exactly (``tests/test_parity_llava.py``)
+  the same model exactly (``tests/parity/test_parity_llava.py``)
 * the papers: LLaVA, arXiv 2304.08485, and LLaVA-1.5, arXiv 2310.03744 (the recipe); SigLIP,
   arXiv 2303.15343 (the tower); Llama 3, arXiv 2407.21783 (the LLM)
 """

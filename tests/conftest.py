@@ -5,6 +5,7 @@ The tests never read or write the user's Hugging Face cache: before anything imp
 tiny checkpoints under the real repository ids (``tests/fake_hub.py``).
 """
 
+import json
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from llama3vision_min import LlamaVision  # noqa: E402
 from llama3vision_min.loading import load_tokenizer  # noqa: E402
@@ -31,7 +33,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The Colab rehearsal's timings (tests/test_colab.py), when it ran."""
+    """The Colab rehearsal's timings (tests/repo/test_colab.py), when it ran."""
     rehearsal = sys.modules.get("test_colab")
     if rehearsal is not None and rehearsal.RESULTS:
         terminalreporter.section("Colab rehearsal (no GPU)")
@@ -100,3 +102,50 @@ def make_image(mode="RGB", size=(37, 23), seed=0):
     if mode == "I;16":
         return image.convert("L").convert("I").point(lambda v: v * 200).convert("I;16")
     return image.convert(mode)
+
+
+# -- refusals: each asserted with its words (DEVELOPERS.md, "Fail loudly, lose nothing") ----------------------
+def refused(call, *words, kind=ValueError):
+    """``call()`` raises ``kind`` whose message holds every one of ``words``."""
+    with pytest.raises(kind) as error:
+        call()
+    message = str(error.value)
+    assert all(word in message for word in words), message
+    return message
+
+
+def one_error_line(code, captured, *words):
+    """Exit status 1, nothing on stdout, one ``error:`` line on stderr holding ``words``."""
+    lines = captured.err.strip().splitlines()
+    assert code == 1 and captured.out.strip() == "" and len(lines) == 1, (code, captured)
+    assert lines[0].startswith("error:") and "Traceback" not in captured.err
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def usage_error(run, capfd, *words):
+    """An argparse usage error: exit status 2, ``usage:`` first, ``words`` in what it printed."""
+    with pytest.raises(SystemExit) as stop:
+        run()
+    err = capfd.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage:") and all(word in err for word in words), err
+
+
+def shard_checkpoint(folder):
+    """Turn the single weights file into a sharded checkpoint: two shards and an index."""
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(folder / name), metadata={"format": "pt"})
+    weight_map = {k: name for name, names in shards.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return weight_map
+
+
+def spoil_config(folder, change):
+    """Rewrite ``folder``'s config.json by ``change(config)``."""
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))

@@ -145,8 +145,8 @@ def load_real_vision():
     from huggingface_hub import hf_hub_download
 
     from ..loading import load_vision_tower
-    from ..projector import load_projector
     from ..model import LlamaVision
+    from ..projector import load_projector
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32

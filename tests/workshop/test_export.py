@@ -29,7 +29,7 @@ from conftest import make_image
 LOGIT_TOLERANCE = 1e-5
 QUESTION = "what is this?"
 N_TOKENS = 16
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Runs in a fresh interpreter: stock transformers only, the project made unimportable.
 LOADER = textwrap.dedent(

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXEMPT_MARKERS = ("NBVAL_SKIP", "NBVAL_IGNORE_OUTPUT")
 EXEMPT_TAGS = ("nbval-skip", "nbval-ignore-output")

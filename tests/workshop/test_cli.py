@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import make_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "what is this?"
 MAX_NEW_TOKENS = 5
 

@@ -3,7 +3,7 @@
 What a Colab user runs -- ``from_alpha`` / ``from_pretrained`` with Hub ids, ``LLAMA3VISION_BACKEND=real``,
 the command lines, the README's code -- runs here on tiny checkpoints laid out like the real
 ones, on the CPU. The GPU itself is not here: device handling is checked by where tensors are sent
-(``process_tensors`` test) and by reading the code. The notebooks run on this path in ``tests/test_colab.py``.
+(``process_tensors`` test) and by reading the code. The notebooks run on this path in ``tests/repo/test_colab.py``.
 """
 
 import importlib.util
@@ -28,7 +28,7 @@ from llama3vision_min.tools.backend import PHOTO, REAL_LLM, REAL_PROJECTOR, REAL
 from conftest import offline_env
 from fake_hub import OTHER_LLM, REAL_HF, REMOTE_CODE_MARKER
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HF_SHARDS = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
 REMOTE_CODE = {"configuration_llamavision.py", "modeling_llamavision.py"}
 REAL_HF_FILES = {"config.json", *REMOTE_CODE, *HF_SHARDS, "model.safetensors.index.json",
@@ -543,7 +543,7 @@ def test_stage1_trial_runs_on_the_cpu_with_the_real_ids(fake_hub, tmp_path):
     assert projector.mm_hidden_size == 32 and projector.hidden_size == 64  # the fake SigLIP and Llama widths
 
 
-# -- the README's code on the real path (the notebooks: tests/test_colab.py, from the wheel) -------------------
+# -- the README's code on the real path (the notebooks: tests/repo/test_colab.py, from the wheel) -------------------
 def readme_real_blocks():
     """The README's Python blocks that load the real model (they name a qresearch repository)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)

@@ -23,7 +23,7 @@ from llama3vision_min.miniature.stand_ins import make_configs
 
 from conftest import make_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIXES = ("text_model.", "vision_model.", "mm_projector.")
 
 

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("LLAMA3VISION_COLAB_REHEARSAL") !
                                 reason="the Colab rehearsal runs in `make test-colab` (it builds a wheel and a "
                                        "Colab-like environment)")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 VENV = ROOT / ".venv-colab"
 TORCH = os.environ.get("TORCH", "torch==2.13.0")
@@ -46,7 +46,7 @@ widgets and matplotlib, and anyio 4 (Colab ships httpx); jupyter-client and the 
 KERNEL_PACKAGES = {"ipykernel", "ipython", "tornado", "jupyter-client", "notebook", "nbval", "nbclient", "pyzmq",
                    "prompt-toolkit", "traitlets", "jupyter-core"}
 """Packages the setup cell must never install or replace (Colab warns that its runtime may crash)."""
-GOOGLE_COLAB = '"""Stand-in for Colab\'s google.colab (tests/test_colab.py): importable, imported at kernel start."""\n'
+GOOGLE_COLAB = '"""Stand-in for Colab\'s google.colab (tests/repo/test_colab.py): importable, imported at kernel start."""\n'
 SETUP_REQUIREMENT = re.compile(r'f"(llama3vision-min\[[\w,-]+\]) @ git\+\{REPO_URL\}"')
 
 RESULTS = []  # (what, seconds, detail), printed under the test results (conftest.py)

@@ -1,7 +1,7 @@
 """Parity with the OFFICIAL remote code of qresearch/llama-3-vision-alpha-hf (online only).
 
 Run with ``make test-online``, or on Colab with the cell at the end of notebook 05 (which clones this
-repository and runs ``python -m pytest -m online tests/test_official_remote.py``). Without the Hub
+repository and runs ``python -m pytest -m online tests/parity/test_official_remote.py``). Without the Hub
 every comparison here is skipped with a reason. With it, a failure to download, import or build the
 official code is a test failure, never a skip: "skipped" means only that the Hub did not answer.
 

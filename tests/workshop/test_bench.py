@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from bench import PeakMemory, main
 
 EXPECTED_ROWS = [

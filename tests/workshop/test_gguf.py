@@ -177,9 +177,9 @@ def test_the_tiny_stand_ins_export(size, tiny_dir, small_dir, tmp_path):
 
 def test_both_real_forms_and_a_swapped_llm_export(fake_hub, tmp_path):
     """The real ids from the fake Hub: the -hf form, and the alpha form with another Llama 3 as its LLM."""
-    from fake_hub import OTHER_LLM, REAL_HF
-
     from llama3vision_min.tools.backend import REAL_LLM, REAL_PROJECTOR, REAL_VISION
+
+    from fake_hub import OTHER_LLM, REAL_HF
 
     forms = {"hf": (LlamaVision.from_pretrained(REAL_HF, dtype=torch.float32), REAL_HF),
              "swapped": (LlamaVision.from_alpha(OTHER_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float32), OTHER_LLM),
@@ -421,7 +421,7 @@ def test_the_docs_python_example_runs(mini_f32, tmp_path):
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     [block] = re.findall(r"```python\n(.*?)```", (root / "docs" / "llama_cpp.md").read_text(), re.S)
     picture = (root / "examples" / "two_green_stars.png").as_uri()
     code = block.replace("gguf-mini/", f"{mini_f32}/").replace("file:///path/to/picture.png", picture)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "llama3vision_min"
 TOP_LEVEL = sorted(PACKAGE.glob("*.py"))
 PIPELINE = ["prompt", "token_split", "image", "projector", "splice", "generation", "chat", "model", "loading"]

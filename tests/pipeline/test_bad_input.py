@@ -1,10 +1,10 @@
-"""Bad and edge input at every door: each case asserts its exact outcome.
+"""Bad and edge input at every door of the API: each refusal is tested here, once, with its words.
 
-The rule (DEVELOPERS.md, "Fail loudly, lose nothing"): a ``ValueError`` that names what was expected
-and what came in the API; one ``error:`` line and exit status 1 in a command line (usage errors as
-argparse reports them: exit status 2); nothing executed, overwritten or silently wrong. Grouped by
-door: pictures, prompts, ids, generation settings, checkpoints, command lines, trainers. Edge inputs
-that are valid (a 1 x 1 picture, ``<image>`` typed in a question) assert what they give.
+The rule (DEVELOPERS.md, "Fail loudly, lose nothing"): a ``ValueError`` that names what was expected and
+what came; nothing executed, overwritten or silently wrong. Grouped by door: pictures, prompts, ids,
+generation settings, checkpoints (the projector file among them). Edge inputs that are valid (a 1 x 1
+picture, ``<image>`` typed in a question) assert what they give. The command lines and trainers:
+``tests/workshop/test_bad_input_commands.py``.
 """
 
 import json
@@ -24,18 +24,9 @@ from llama3vision_min.projector import load_projector
 from llama3vision_min.prompt import chat_segments
 from llama3vision_min.token_split import prompt_ids, tokenizer_image_token
 
-from conftest import make_image
+from conftest import make_image, refused, shard_checkpoint, spoil_config
 
 Q = "what is this?"
-
-
-def refused(call, *words, kind=ValueError):
-    """``call()`` raises ``kind`` whose message holds every one of ``words``."""
-    with pytest.raises(kind) as error:
-        call()
-    message = str(error.value)
-    assert all(word in message for word in words), message
-    return message
 
 
 # == pictures =====================================================================================
@@ -348,12 +339,6 @@ def folder(tiny_dir, tmp_path):
     return shutil.copytree(tiny_dir, tmp_path / "model")
 
 
-def _spoil_config(folder, change):
-    config = json.loads((folder / "config.json").read_text())
-    change(config)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("content, words", [
     (b"[1, 2, 3]", ["must hold a JSON object", "list"]),
     (b"{not json", ["is not valid JSON"]),
@@ -380,22 +365,8 @@ def test_a_config_json_that_is_not_a_config(folder, content, words):
 ], ids=["millions-of-layers", "layers-text", "no-layers", "huge-width", "negative-vocabulary", "negative-patch",
         "vision-layers", "heads-do-not-divide", "width-bool"])
 def test_config_sizes_are_checked_before_anything_is_built(folder, change, words):
-    _spoil_config(folder, change)
+    spoil_config(folder, change)
     refused(lambda: LlamaVision.from_pretrained(folder), *words)
-
-
-def _shard(folder):
-    """Turn the single weights file into a sharded checkpoint: two shards and an index."""
-    state = load_file(str(folder / "model.safetensors"))
-    (folder / "model.safetensors").unlink()
-    keys = sorted(state)
-    half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
-    for name, names in shards.items():
-        save_file({k: state[k] for k in names}, str(folder / name), metadata={"format": "pt"})
-    weight_map = {k: name for name, names in shards.items() for k in names}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return weight_map
 
 
 @pytest.mark.parametrize("index, words", [
@@ -405,7 +376,7 @@ def _shard(folder):
     ("not an object", ["is not a JSON object"]),
 ], ids=["no-weight-map", "list-map", "number-file", "string"])
 def test_a_shard_index_that_is_not_an_index(folder, index, words):
-    _shard(folder)
+    shard_checkpoint(folder)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     refused(lambda: LlamaVision.from_pretrained(folder), *words)
 
@@ -413,7 +384,7 @@ def test_a_shard_index_that_is_not_an_index(folder, index, words):
 @pytest.mark.parametrize("where", ["parent", "absolute", "deep"])
 def test_a_shard_index_may_not_name_files_outside_the_folder(folder, tmp_path, where):
     """Refused before the file system is asked: the message is the same whether the file exists or not."""
-    weight_map = _shard(folder)
+    weight_map = shard_checkpoint(folder)
     target = {"parent": "../outside.safetensors", "absolute": str(tmp_path / "outside.safetensors"),
               "deep": "sub/../../outside.safetensors"}[where]
     shutil.copy(folder / "model-00002-of-00002.safetensors", tmp_path / "outside.safetensors")
@@ -425,7 +396,7 @@ def test_a_shard_index_may_not_name_files_outside_the_folder(folder, tmp_path, w
 
 
 def test_a_shard_the_index_names_but_the_folder_lacks(folder):
-    _shard(folder)
+    shard_checkpoint(folder)
     (folder / "model-00002-of-00002.safetensors").unlink()
     refused(lambda: LlamaVision.from_pretrained(folder), "model-00002-of-00002.safetensors", "which is not in")
 
@@ -435,7 +406,7 @@ def test_saving_over_a_sharded_save_leaves_no_stale_weights(tiny, tmp_path):
     model, _ = tiny
     target = tmp_path / "model"
     model.save_pretrained(target)
-    _shard(target)
+    shard_checkpoint(target)
     changed = LlamaVision.from_pretrained(target)
     with torch.no_grad():
         changed.mm_projector.model[0].bias.add_(1.0)
@@ -521,258 +492,3 @@ def test_projector_paths_that_hold_no_projector(tmp_path, name, words):
 def test_a_tokenizer_folder_without_a_tokenizer(tmp_path):
     (tmp_path / "empty").mkdir()
     refused(lambda: load_tokenizer(tmp_path / "empty"), "expected tokenizer.json")
-
-
-# == command lines =================================================================================
-def one_error_line(code, captured, *words):
-    """Exit status 1, nothing on stdout, one ``error:`` line on stderr holding ``words``."""
-    lines = captured.err.strip().splitlines()
-    assert code == 1 and captured.out.strip() == "" and len(lines) == 1, (code, captured)
-    assert lines[0].startswith("error:") and "Traceback" not in captured.err
-    assert all(word in lines[0] for word in words), lines[0]
-
-
-def usage_error(run, capfd, *words):
-    with pytest.raises(SystemExit) as stop:
-        run()
-    err = capfd.readouterr().err
-    assert stop.value.code == 2 and err.startswith("usage:") and all(word in err for word in words), err
-
-
-@pytest.fixture()
-def ask(tiny_dir, tmp_path, capfd):
-    """``ask`` with the tiny model: returns (exit status, captured output)."""
-    from llama3vision_min.tools.cli import main
-
-    def run(image, question=Q, *extra, model=None):
-        code = main(["ask", question, "--image", str(image), "--model", str(model or tiny_dir), "--greedy",
-                     "--max-new-tokens", "3", *extra])
-        return code, capfd.readouterr()
-    return run
-
-
-def test_cli_a_decompression_bomb(ask, tmp_path, monkeypatch):
-    make_image("RGB", (30, 30)).save(tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 900 pixels: over twice the limit, a bomb to PIL
-    one_error_line(*ask(tmp_path / "bomb.png"), "refusing", "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # between once and twice: PIL only warns; refused too
-    one_error_line(*ask(tmp_path / "bomb.png"), "refusing", "bomb.png")
-
-
-def test_cli_a_question_that_is_not_utf_8(ask, tmp_path):
-    make_image().save(tmp_path / "p.png")
-    one_error_line(*ask(tmp_path / "p.png", "caf\udce9?"), "not valid UTF-8")
-
-
-def test_cli_a_question_holding_the_image_placeholder_is_answered(ask, tmp_path):
-    make_image().save(tmp_path / "p.png")
-    code, captured = ask(tmp_path / "p.png", "what is <image> this?")
-    assert code == 0 and captured.out.strip() and captured.err.count("error") == 0
-
-
-def test_cli_reads_a_photo_the_way_it_is_shown(ask, tiny, tmp_path):
-    """EXIF orientation applied: the answer about the rotated file is the answer about the upright picture."""
-    model, tokenizer = tiny
-    upright = make_image("RGB", (40, 20), seed=5)
-    exif = Image.Exif()
-    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to show"
-    upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "photo.png", exif=exif.tobytes())
-    code, captured = ask(tmp_path / "photo.png")
-    expected = tokenizer.decode(model.answer_question(upright, Q, tokenizer, do_sample=False, max_new_tokens=3),
-                                skip_special_tokens=True).strip()
-    assert code == 0 and captured.out.strip() == expected
-
-
-@pytest.mark.parametrize("spoil, words", [
-    (lambda f: (f / "config.json").write_text("[]"), ["could not load model", "must hold a JSON object"]),
-    (lambda f: (_shard(f), (f / "model.safetensors.index.json").write_text("{}")), ["must hold a 'weight_map'"]),
-    (lambda f: _spoil_config(f, lambda c: c["text_config"].update(num_hidden_layers=10**7)),
-     ["num_hidden_layers = 10000000"]),
-], ids=["config-list", "index-without-map", "absurd-layers"])
-def test_cli_checkpoints_that_do_not_load(ask, folder, tmp_path, spoil, words):
-    make_image().save(tmp_path / "p.png")
-    spoil(folder)
-    one_error_line(*ask(tmp_path / "p.png", model=folder), *words)
-
-
-@pytest.fixture()
-def export(tiny_dir, capfd):
-    from llama3vision_min.tools.cli import main
-
-    def run(out):
-        return main(["export", "--out", str(out), "--model", str(tiny_dir)]), capfd.readouterr()
-    return run
-
-
-def test_cli_export_onto_an_existing_file_leaves_it_alone(export, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    one_error_line(*export(tmp_path / "notes.txt"), "notes.txt", "is a file")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_cli_export_where_no_folder_can_be_made(export, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    one_error_line(*export(tmp_path / "notes.txt" / "llava"), "could not export", "notes.txt")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-@pytest.fixture()
-def miniature(capfd):
-    from llama3vision_min.miniature.__main__ import main
-
-    def run(*argv):
-        return main(list(argv)), capfd.readouterr()
-    return run
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["eval", "--n", "0"], ["--n: must be at least 1, got 0"]),
-    (["eval", "--n", "-3"], ["--n: must be at least 1, got -3"]),
-    (["eval", "--threads", "0"], ["--threads: must be at least 1"]),
-    (["eval", "--n", "many"], ["invalid _positive_int value"]),
-    (["train", "--stage", "E"], ["invalid choice: 'E'"]),
-    (["sample"], ["seed"]),
-], ids=["n-zero", "n-negative", "threads-zero", "n-text", "stage-E", "sample-no-seed"])
-def test_miniature_usage_errors(argv, words, capfd):
-    from llama3vision_min.miniature.__main__ import main
-
-    usage_error(lambda: main(argv), capfd, *words)
-
-
-@pytest.mark.parametrize("n", [0, -3, 2.5], ids=["zero", "negative", "fraction"])
-def test_miniature_evaluate_needs_pictures(tiny, n):
-    from llama3vision_min.miniature import evaluate
-
-    refused(lambda: evaluate(*tiny, n=n, progress=False), "number of pictures >= 1", repr(n))
-
-
-def test_miniature_sample_never_overwrites_a_file(miniature, tmp_path):
-    (tmp_path / "mine.png").write_bytes(b"mine")
-    one_error_line(*miniature("sample", "3", "--save", str(tmp_path / "mine.png")), "exists", "mine.png")
-    assert (tmp_path / "mine.png").read_bytes() == b"mine"
-
-
-@pytest.mark.parametrize("name, words", [("no-such-folder/p.png", ["could not save"]),
-                                         ("picture.xyz", ["could not save", "picture.xyz"])],
-                         ids=["missing-folder", "unknown-extension"])
-def test_miniature_sample_cannot_save(miniature, tmp_path, name, words):
-    one_error_line(*miniature("sample", "3", "--save", str(tmp_path / name)), *words)
-    assert not (tmp_path / name).exists()
-
-
-def test_miniature_eval_of_a_folder_without_a_model(miniature, tmp_path):
-    one_error_line(*miniature("eval", "--model", str(tmp_path), "--n", "1"), "no miniature in", str(tmp_path))
-
-
-def test_miniature_train_a_stage_without_its_inputs(miniature, tmp_path):
-    one_error_line(*miniature("train", "--stage", "C", "--out", str(tmp_path / "run")), "stage C reads",
-                   "run it first")
-    assert not (tmp_path / "run").exists()
-
-
-def test_miniature_train_into_a_file_and_a_partial_ship(miniature, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    one_error_line(*miniature("train", "--out", str(tmp_path / "notes.txt")), "is a file")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-    one_error_line(*miniature("train", "--quick", "--ship"), "--ship needs a full run")
-
-
-# == trainers ======================================================================================
-@pytest.fixture()
-def pretrain(tmp_path):
-    """A LLaVA-Pretrain-shaped folder of three good examples; returns (json path, images folder, entries)."""
-    (tmp_path / "images").mkdir()
-    entries = []
-    for i in range(3):
-        make_image(size=(20, 20), seed=i).save(tmp_path / "images" / f"{i}.png")
-        entries.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": f"picture {i}"}]})
-    return tmp_path / "data.json", tmp_path / "images", entries
-
-
-def _write(path, entries):
-    path.write_text(json.dumps(entries))
-    return path
-
-
-@pytest.mark.parametrize("spoil, words", [
-    (lambda e: e.append("just a string"), ["example 3", "an object with 'image' and 'conversations'"]),
-    (lambda e: e.append({"image": "0.png"}), ["example 3", "'image' and 'conversations'"]),
-    (lambda e: e[2].update(conversations="Describe it."), ["example 2", "a list of turns"]),
-    (lambda e: e[1].update(conversations=[{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]),
-     ["example 1", "a human turn then a gpt turn"]),
-    (lambda e: e[1]["conversations"][1].update(value=None), ["example 1", "'value' to be text"]),
-    (lambda e: e[0].update(image="../secret.png"), ["example 0", "inside", "'../secret.png'"]),
-    (lambda e: e[0].update(image="/etc/passwd"), ["example 0", "inside", "'/etc/passwd'"]),
-    (lambda e: e[2].update(image=7), ["example 2", "picture path", "7"]),
-    (lambda e: e[2].update(image="missing.png"), ["example 2", "'missing.png' not found"]),
-    (lambda e: e.clear(), ["holds no examples"]),
-], ids=["string-entry", "no-conversations", "conversation-text", "roles-swapped", "value-none", "path-escapes",
-        "absolute-path", "path-number", "missing-picture", "no-examples"])
-def test_every_entry_of_the_data_file_is_checked_up_front(pretrain, spoil, words):
-    from llama3vision_min.training.data import LlavaPretrain
-
-    data, images, entries = pretrain
-    spoil(entries)
-    message = refused(lambda: LlavaPretrain(_write(data, entries), images), *words)
-    assert str(data) in message
-
-
-@pytest.mark.parametrize("content, words", [(b"{\"a\": 1}", ["a JSON list of examples", "dict"]),
-                                            (b"[{broken", ["not a readable JSON file"]),
-                                            (b"\xff\xfe[]", ["not a readable JSON file"])],
-                         ids=["object", "broken", "not-utf-8"])
-def test_a_data_file_that_is_not_a_list_of_examples(pretrain, content, words):
-    from llama3vision_min.training.data import LlavaPretrain
-
-    data, images, _ = pretrain
-    data.write_bytes(content)
-    refused(lambda: LlavaPretrain(data, images), *words)
-
-
-@pytest.fixture()
-def stage1(pretrain, capfd):
-    from llama3vision_min.training.stage1 import main
-
-    data, images, entries = pretrain
-    _write(data, entries)
-
-    def run(*argv, out):
-        return main(["--data", str(data), "--images", str(images), "--out", str(out), *argv]), capfd.readouterr()
-    return run
-
-
-def test_stage1_a_bad_entry_late_in_the_file_stops_the_run_before_any_model_loads(stage1, pretrain, tmp_path):
-    data, _, entries = pretrain
-    entries += [dict(entries[0]) for _ in range(5)] + [{"image": "0.png", "conversations": "not a list"}]
-    _write(data, entries)
-    one_error_line(*stage1(out=tmp_path / "out"), "example 8", "a list of turns", str(data))
-    assert not (tmp_path / "out").exists()
-
-
-def test_stage1_never_overwrites_a_trained_projector(stage1, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "mm_projector.safetensors").write_bytes(b"hours of training")
-    one_error_line(*stage1(out=tmp_path / "out"), "already holds mm_projector.safetensors")
-    assert (tmp_path / "out" / "mm_projector.safetensors").read_bytes() == b"hours of training"
-
-
-def test_stage1_out_is_a_file(stage1, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    one_error_line(*stage1(out=tmp_path / "notes.txt"), "is a file")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_stage1_warmup_outside_zero_to_one(stage1, tmp_path):
-    one_error_line(*stage1("--warmup-ratio", "1.5", out=tmp_path / "out"), "--warmup-ratio", "1.5")
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--per-device-batch", "0"], ["--per-device-batch: must be at least 1"]),
-    (["--global-batch", "-8"], ["--global-batch: must be at least 1"]),
-    (["--lr", "0"], ["--lr: must be above 0"]),
-    (["--max-steps", "0"], ["--max-steps: must be at least 1"]),
-    (["--limit", "-1"], ["--limit: must be at least 1"]),
-], ids=["batch-zero", "global-negative", "lr-zero", "steps-zero", "limit-negative"])
-def test_stage1_usage_errors(stage1, tmp_path, capfd, argv, words):
-    usage_error(lambda: stage1(*argv, out=tmp_path / "out"), capfd, *words)
