@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from llama3vision_min import LlamaVision, ProjectionModule, build_prompt, tokenizer_image_token
 from llama3vision_min.miniature.stand_ins import make_configs
 
-from conftest import make_image
+from conftest import make_image, refused
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIXES = ("text_model.", "vision_model.", "mm_projector.")
@@ -272,8 +272,7 @@ def test_weight_whose_shape_disagrees_with_the_config_is_refused_as_value_error(
 def test_unreadable_weights_file_is_refused_as_value_error(copy_of_saved):
     file = copy_of_saved / "model.safetensors"
     file.write_bytes(file.read_bytes()[:100])  # truncated download
-    with pytest.raises(ValueError):
-        LlamaVision.from_pretrained(copy_of_saved)
+    refused(lambda: LlamaVision.from_pretrained(copy_of_saved), "is not a readable safetensors file")
 
 
 def test_folder_without_config_is_refused(copy_of_saved):
@@ -294,8 +293,8 @@ def test_config_without_a_sub_config_is_refused(copy_of_saved, drop):
 
 def test_folder_without_weights_is_refused(copy_of_saved):
     (copy_of_saved / "model.safetensors").unlink()
-    with pytest.raises(ValueError):
-        LlamaVision.from_pretrained(copy_of_saved)
+    refused(lambda: LlamaVision.from_pretrained(copy_of_saved), "expected model.safetensors or "
+            "model.safetensors.index.json")
 
 
 @pytest.fixture
@@ -325,8 +324,7 @@ def test_nonexistent_local_path_is_refused_without_network(tmp_path, monkeypatch
     (tmp_path / "weights.safetensors").write_bytes(b"")
     path = {"absolute": str(tmp_path / "no-such-model"), "dot-relative": "./no-such-model",
             "deep-relative": "no/such/model", "a-file": str(tmp_path / "weights.safetensors")}[where]
-    with pytest.raises(ValueError):
-        LlamaVision.from_pretrained(path)
+    refused(lambda: LlamaVision.from_pretrained(path), "expected a model folder or a Hub id", path)
     assert no_network == []
 
 

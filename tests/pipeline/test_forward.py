@@ -288,13 +288,3 @@ def test_left_padded_batch_matches_each_row_alone(tiny):
     torch.testing.assert_close(batch[1, T - len(alone_short):], alone_short, rtol=1e-5, atol=1e-5)
 
 
-def test_forward_needs_pixel_values_or_vision_features(tiny):
-    model, tok = tiny
-    with pytest.raises(ValueError):
-        model(torch.tensor([prompt_ids(tok, "what is this?")]))
-
-
-def test_forward_rejects_image_count_mismatch(tiny):
-    model, tok = tiny
-    with pytest.raises(ValueError):
-        model(torch.tensor([prompt_ids(tok, "what is this?", 2)]), pixel_values=pixels(model, 1))

@@ -7,7 +7,6 @@ model passes to it; greedy results are compared with a greedy loop written here.
 import threading
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
@@ -309,23 +308,6 @@ def test_answer_questions_rows_end_at_their_own_stop(tiny):
                                        logits_processor=LogitsProcessorList([ForceEotPerRow([n], eot, forbid)]))
         assert len(single) == n + 1 and single[-1].item() == eot
         assert batched[b].tolist() == single.tolist()
-
-
-def test_answer_questions_rejects_mismatched_lengths(tiny):
-    model, tok = tiny
-    with pytest.raises(ValueError):
-        model.answer_questions([make_image(), make_image(seed=1)], ["what is this?"], tok)
-    with pytest.raises(ValueError):
-        model.answer_questions([make_image()], ["a?", "b?"], tok)
-
-
-@pytest.mark.parametrize("bad", [np.zeros((32, 32, 3), dtype=np.uint8), torch.zeros(3, 32, 32), "picture.png", None])
-def test_non_pil_image_raises_value_error(tiny, bad):
-    model, tok = tiny
-    with pytest.raises(ValueError):
-        model.answer_question(bad, "what is this?", tok, max_new_tokens=1)
-    with pytest.raises(ValueError):
-        model.answer_questions([make_image(), bad], ["a?", "b?"], tok, max_new_tokens=1)
 
 
 # -- chat -----------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from llama3vision_min import ProjectionModule, load_projector
 
+from conftest import refused
+
 MM, HIDDEN = 24, 40  # deliberately not the real 1152 -> 4096, and not square
 PARAM_NAMES = ("0.weight", "0.bias", "2.weight", "2.bias")
 KEY_FORMS = {
@@ -176,55 +178,30 @@ def _linear_names(reference):  # transformers' LLaVA names: a different model's 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_missing_or_unknown_keys_are_refused(tmp_path, reference, make_state, suffix):
     path = _write(tmp_path / f"mm_projector{suffix}", make_state(reference))
-    with pytest.raises(ValueError):
-        load_projector(path)
+    refused(lambda: load_projector(path), "expected projector keys like model.mm_projector.0.weight")
 
 
 def test_empty_file_of_tensors_is_refused(tmp_path):
-    with pytest.raises(ValueError):
-        load_projector(_write(tmp_path / "empty.bin", {}))
+    refused(lambda: load_projector(_write(tmp_path / "empty.bin", {})), "expected projector keys", "found []")
 
 
 # -- files that are not projector files ------------------------------------------------------
-@pytest.mark.parametrize("name", ["mm_projector.npz", "mm_projector.json", "mm_projector", "mm_projector.bin.txt"])
-def test_wrong_extension_is_refused(tmp_path, reference, name):
-    path = tmp_path / name
-    torch.save(_state_in_form(reference, "llava"), path)  # valid content, wrong name
-    with pytest.raises(ValueError):
-        load_projector(path)
-
-
-@pytest.mark.parametrize("name", ["mm_projector.bin", "mm_projector.safetensors"])
-def test_missing_file_is_refused(tmp_path, name):
-    with pytest.raises(ValueError):
-        load_projector(tmp_path / name)
-
-
-def test_a_folder_is_not_a_projector_file(tmp_path):
-    folder = tmp_path / "mm_projector.bin"
-    folder.mkdir()
-    with pytest.raises(ValueError):
-        load_projector(folder)
-
-
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_corrupt_file_is_refused_as_value_error(tmp_path, suffix):
     path = tmp_path / f"mm_projector{suffix}"
     path.write_bytes(b"\x00this is not a checkpoint" * 10)
-    with pytest.raises(ValueError):
-        load_projector(path)
+    words = {".bin": "not a plain tensor pickle", ".safetensors": "is not a readable safetensors file"}[suffix]
+    refused(lambda: load_projector(path), words, path.name)
 
 
 def test_bin_holding_something_other_than_a_dict_of_tensors_is_refused(tmp_path, reference):
     tensors = list(_state_in_form(reference, "llava").values())
     path = tmp_path / "list.bin"
     torch.save(tensors, path)
-    with pytest.raises(ValueError):
-        load_projector(path)
+    refused(lambda: load_projector(path), "does not hold a dict of tensors")
     path = tmp_path / "mixed.bin"
     torch.save({**_state_in_form(reference, "llava"), "step": 3}, path)
-    with pytest.raises(ValueError):
-        load_projector(path)
+    refused(lambda: load_projector(path), "does not hold a dict of tensors")
 
 
 # -- a hostile pickle is refused and its code never runs --------------------------------------
@@ -273,8 +250,7 @@ def test_hostile_pickle_is_refused_and_its_code_does_not_run(tmp_path, reference
     assert marker.exists(), "the test's payload did not run under an unsafe load: the test proves nothing"
     marker.unlink()
 
-    with pytest.raises(ValueError):
-        load_projector(path)
+    refused(lambda: load_projector(path), "weights_only=True", "nothing in it was executed")
     assert not marker.exists(), "load_projector executed code from the pickle"
 
 

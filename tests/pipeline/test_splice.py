@@ -106,27 +106,6 @@ def test_process_tensors_shapes_mask_and_rows(split, n_patches):
         assert torch.equal(embeds[0, split + n_patches + j], weight[token])
 
 
-def test_process_tensors_without_sentinel_raises_value_error_naming_it():
-    emb = make_embedding()
-    ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="-200|sentinel"):
-        process_tensors(ids, make_features(1, 3), emb)
-
-
-def test_process_tensors_two_sentinels_raise_value_error():
-    emb = make_embedding()
-    ids = torch.tensor([[1, SENTINEL, 3, SENTINEL, 4]])
-    with pytest.raises(ValueError):
-        process_tensors(ids, make_features(1, 3), emb)
-
-
-def test_process_tensors_batch_of_two_raises_value_error():
-    emb = make_embedding()
-    ids = torch.tensor([[1, SENTINEL, 3], [4, SENTINEL, 5]])
-    with pytest.raises(ValueError):
-        process_tensors(ids, make_features(2, 3), emb)
-
-
 def test_process_tensors_gradients_reach_the_features():
     emb = make_embedding()
     features = make_features(1, 4).requires_grad_(True)
@@ -221,21 +200,6 @@ def test_labels_ignore_image_rows_and_padding(padding_side):
     assert result.labels[0].tolist() == row0
     assert result.labels[1].tolist() == (pad1 + row1 if padding_side == "left" else row1 + pad1)
     assert 42 not in result.labels.flatten().tolist()
-
-
-def test_mismatched_image_count_raises_value_error():
-    emb = make_embedding()
-    rows = [torch.tensor([1, SENTINEL, 2]), torch.tensor([SENTINEL, 3, SENTINEL])]
-    with pytest.raises(ValueError):
-        splice_batch(rows, make_features(2, 3), emb)  # three sentinels, two images
-    with pytest.raises(ValueError):
-        splice_batch(rows, make_features(4, 3), emb)  # three sentinels, four images
-
-
-def test_bad_padding_side_raises_value_error():
-    emb = make_embedding()
-    with pytest.raises(ValueError):
-        splice_batch([torch.tensor([1, SENTINEL])], make_features(1, 2), emb, padding_side="middle")
 
 
 # -- property-based ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama3vision_min import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from llama3vision_min import build_prompt, tokenizer_image_token
 from llama3vision_min.miniature.stand_ins import tiny_tokenizer
 
 SENTINEL = -200
@@ -62,21 +62,11 @@ def split_at_sentinels(ids):
     return chunks
 
 
-def test_sentinel_constant_is_minus_200():
-    assert IMAGE_TOKEN_INDEX == SENTINEL
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_returns_1d_long_tensor(prompt, tok):
+def test_a_1d_long_tensor_with_exactly_one_bos_at_position_zero(prompt, tok):
     ids = tokenizer_image_token(prompt, tok)
-    assert isinstance(ids, torch.Tensor)
-    assert ids.dim() == 1
-    assert ids.dtype == torch.long
-
-
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_exactly_one_bos_at_position_zero(prompt, tok):
-    ids = tokenizer_image_token(prompt, tok).tolist()
+    assert ids.dim() == 1 and ids.dtype == torch.long
+    ids = ids.tolist()
     assert ids[0] == tok.bos_token_id
     assert ids.count(tok.bos_token_id) == 1
 
@@ -117,12 +107,6 @@ def test_return_tensors_pt_is_accepted_and_equal_to_default(tok):
     pt = tokenizer_image_token(prompt, tok, return_tensors="pt")
     assert isinstance(pt, torch.Tensor) and pt.dtype == torch.long and pt.dim() == 1
     assert torch.equal(pt, tokenizer_image_token(prompt, tok))
-
-
-@pytest.mark.parametrize("bad", ["np", "tf", "jax", "PT", "list", 1])
-def test_other_return_tensors_raise_value_error(bad, tok):
-    with pytest.raises(ValueError):
-        tokenizer_image_token("<image>what is this?", tok, return_tensors=bad)
 
 
 def test_llama3_prompt_sentinel_lands_right_after_the_header_newlines(tok):
@@ -186,12 +170,6 @@ def test_build_prompt_is_exactly_the_llama3_format(question):
         "<|start_header_id|>user<|end_header_id|>\n\n<image>" + question
         + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-
-
-def test_build_prompt_has_one_image_placeholder_and_no_bos():
-    prompt = build_prompt("what is this?")
-    assert prompt.count("<image>") == 1
-    assert "<|begin_of_text|>" not in prompt  # the tokenizer adds BOS; writing it too would double it
 
 
 @pytest.mark.parametrize("question", ["what is this?", "How many shapes are there?", "Please describe this image in detail."])
