@@ -14,9 +14,10 @@ The model is the files of this folder, read in this order (each names the offici
 (``constants.py`` names -200, -100 and ``<|eot_id|>``.) ``scratch/`` writes both towers out in plain
 PyTorch (SigLIP and Llama 3, ``implementation="scratch"``); ``lens/`` looks inside a running model
 (attention over the patches, the words the projector writes, occlusion, the logit lens). The other
-subfolders are the workshop around the model: ``tools/`` (command line, LLaVA export, notebook helpers), ``training/`` (the real-scale
-stage-1 trainer) and ``miniature/`` (the tiny random stand-ins and the miniature trained offline). The
-original algorithm, transcribed, is ``llama3vision_original.py`` next to this folder.
+subfolders are the workshop around the model: ``tools/`` (command line, LLaVA and GGUF exports, the
+llama.cpp runner, notebook helpers), ``training/`` (the real-scale stage-1 trainer) and ``miniature/`` (the
+tiny random stand-ins and the miniature trained offline). The original algorithm, transcribed, is
+``llama3vision_original.py`` next to this folder.
 """
 
 from .constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX

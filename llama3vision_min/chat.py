@@ -84,7 +84,8 @@ class CachedChat(ChatSession):
     def fork(self):
         """A copy whose cache and history can grow without touching this one."""
         twin = copy.copy(self)
-        twin.history, twin.sequence, twin.cache = list(self.history), list(self.sequence), copy.deepcopy(self.cache)
+        twin.history, twin.sequence = list(self.history), list(self.sequence)
+        twin.cache = copy.deepcopy(self.cache)
         return twin
 
     @torch.inference_mode()
@@ -101,19 +102,21 @@ class CachedChat(ChatSession):
             patches = batch.inputs_embeds.shape[1] - len(ids) + 1  # (1, L - 1 + P, hidden): ids hold one -200
             self.cache = DynamicCache()
             with _old_cache_name():
-                new = text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                          past_key_values=self.cache, **kwargs)[0]  # (n_new,) new tokens only
+                new = text_model.generate(inputs_embeds=batch.inputs_embeds,  # (n_new,): new tokens only
+                                          attention_mask=batch.attention_mask, past_key_values=self.cache,
+                                          **kwargs)[0]
             pad = kwargs["pad_token_id"]
             for token_id in ids.tolist():
                 self.sequence.extend([pad] * patches if token_id == IMAGE_TOKEN_INDEX else [token_id])
         else:  # a follow-up: only the last answer token and the new user turn are new to the cache
-            turn = prompt_ids(follow_up_segments(question), self.tokenizer, special, continuation=True).tolist()
+            turn = prompt_ids(follow_up_segments(question), self.tokenizer, special, continuation=True)
+            turn = turn.tolist()
             limit = getattr(text_model.config, "max_position_embeddings", None)
             if limit and len(self.sequence) + len(turn) > limit:
-                raise ValueError(f"the conversation would be {len(self.sequence) + len(turn)} positions long, but "
-                                 f"the LLM reads at most {limit}: start a new chat")
+                raise ValueError(f"the conversation would be {len(self.sequence) + len(turn)} positions "
+                                 f"long, but the LLM reads at most {limit}: start a new chat")
             self.sequence += turn
-            input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); generate skips the cached part
+            input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); cached part skipped
             with _old_cache_name():
                 out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                           past_key_values=self.cache, **kwargs)
@@ -121,7 +124,7 @@ class CachedChat(ChatSession):
         new = cut_at_stop(new, self.stops)
         self.sequence += new.tolist()
         if not new.numel() or new[-1].item() not in self.stops:
-            self.sequence.append(self.eot_id)  # the turn ran out of tokens: close it as the chat format requires
+            self.sequence.append(self.eot_id)  # the turn ran out of tokens: close it, as the chat format asks
         answer = self.tokenizer.decode(new, skip_special_tokens=True)
         self.history.append((question, answer))
         return answer

@@ -32,7 +32,8 @@ def reset_generation_config(text_model):
     from transformers import GenerationConfig
 
     config = text_model.config
-    text_model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+    text_model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id,
+                                                    eos_token_id=config.eos_token_id,
                                                     pad_token_id=getattr(config, "pad_token_id", None))
     return text_model
 

@@ -34,8 +34,8 @@ def make_processor(image_size):
     transformers 5 offers a PIL-backed class next to the torchvision one; the PIL one
     matches the processor the original ran with and needs no torchvision.
     """
-    processor_class = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
-    return processor_class(size={"height": image_size, "width": image_size})
+    pil_backed = getattr(transformers, "SiglipImageProcessorPil", None)
+    return (pil_backed or transformers.SiglipImageProcessor)(size={"height": image_size, "width": image_size})
 
 
 def to_rgb(image):
@@ -106,7 +106,9 @@ def vision_features(vision_model, pixel_values):
 
 def _check_pixel_values(pixel_values, size):
     """Pictures the tower can read: a float tensor of shape (n_images >= 1, 3, size, size)."""
-    if not (isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point() and pixel_values.dim() == 4
-            and pixel_values.shape[0] > 0 and tuple(pixel_values.shape[1:]) == (3, size, size)):
+    if not (isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point()
+            and pixel_values.dim() == 4 and pixel_values.shape[0] > 0
+            and tuple(pixel_values.shape[1:]) == (3, size, size)):
         raise ValueError(f"pixel_values must be a float tensor of shape (n_images, 3, {size}, {size}), got "
-                         f"{tuple(getattr(pixel_values, 'shape', ()))} {getattr(pixel_values, 'dtype', type(pixel_values))}")
+                         f"{tuple(getattr(pixel_values, 'shape', ()))} "
+                         f"{getattr(pixel_values, 'dtype', type(pixel_values))}")

@@ -1,14 +1,14 @@
 """Step 8: both published forms, loaded without ``trust_remote_code``.
 
-* **-hf** (``qresearch/llama-3-vision-alpha-hf``): ``config.json`` with ``text_config`` and ``vision_config``,
-  safetensors keyed ``text_model.``, ``vision_model.``, ``mm_projector.`` -- ``LlamaVision``'s own attribute
-  names. One pass reads every tensor under one name (whatever form its key came in) and checks sizes, shards,
-  dtypes and duplicates; the model is built on the meta device and filled by one ``load_state_dict(strict=True,
-  assign=True)``, as nanochat's ``checkpoint_manager.py`` does.
+* **-hf** (``qresearch/llama-3-vision-alpha-hf``): ``config.json`` with ``text_config`` and
+  ``vision_config``; safetensors keyed ``text_model.``, ``vision_model.``, ``mm_projector.`` --
+  ``LlamaVision``'s own attribute names. One pass reads every tensor under one name (whatever form its key
+  came in) and checks sizes, shards, dtypes and duplicates; the model is built on the meta device and filled
+  by one ``load_state_dict(strict=True, assign=True)``, as nanochat's ``checkpoint_manager.py`` does.
 * **alpha** (``qresearch/llama-3-vision-alpha``): a Llama 3 LLM and a SigLIP model as they are, plus
   ``mm_projector.bin`` (``projector.load_projector`` reads it without running code).
 
-Device, dtype and ``implementation="scratch"`` are ``LlamaVision.from_pretrained`` / ``from_alpha``'s (``model.py``).
+Device, dtype and ``implementation="scratch"`` are ``from_pretrained`` and ``from_alpha``'s (``model.py``).
 Sources: https://huggingface.co/qresearch/llama-3-vision-alpha-hf/tree/main, the alpha form's script
 (https://huggingface.co/qresearch/llama-3-vision-alpha) and nanochat's checkpoint manager
 (https://github.com/karpathy/nanochat/blob/master/nanochat/checkpoint_manager.py).
@@ -17,19 +17,18 @@ Sources: https://huggingface.co/qresearch/llama-3-vision-alpha-hf/tree/main, the
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from .generation import reset_generation_config
 from .projector import ProjectionModule, load_projector, projector_key
 
-SKIPPED = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers older transformers saved, newer recompute
+SKIPPED = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers older transformers saved
 
 
 def model_key(key, nested_siglip=False):
     """A -hf checkpoint key in any of its forms as ``LlamaVision`` names it (None: not the model's). The
-    projector's four forms become one; SigLIP's keys, nested (``vision_model.vision_model.X``, as transformers
-    4.x writes them) or flat, come out flat, or nested with ``nested_siglip=True``."""
+    projector's four forms become one; SigLIP's keys, nested (``vision_model.vision_model.X``, as
+    transformers 4.x writes them) or flat, come out flat, or nested with ``nested_siglip=True``."""
     if projector_key(key):
         return "mm_projector." + projector_key(key)
     part, _, inner = key.partition(".")
@@ -39,22 +38,22 @@ def model_key(key, nested_siglip=False):
 
 
 def _nests_siglip(tower):
-    """True when transformers' ``SiglipVisionModel`` keys its weights ``vision_model.X`` (4.x), not ``X`` (5.x)."""
+    """True when transformers' ``SiglipVisionModel`` keys its weights ``vision_model.X`` (4.x), not ``X``."""
     return any(key.startswith("vision_model.") for key in tower.state_dict())
 
 
 # -- a checkpoint folder: found, its configs and weights read and checked --------------------------------
 def _resolve_folder(path_or_hub_id, allow_patterns):
     """A local folder as it is, or a Hub repository downloaded (``allow_patterns`` only: never code)."""
-    local = Path(path_or_hub_id)
+    local, name = Path(path_or_hub_id), str(path_or_hub_id)
     if local.is_dir():
         return local
-    if local.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ValueError(f"expected a model folder or a Hub id like 'owner/name', got {path_or_hub_id!r}")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=allow_patterns))
+        return Path(snapshot_download(name, allow_patterns=allow_patterns))
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else ""
         raise ValueError(f"could not download {path_or_hub_id!r} from the Hugging Face Hub: "
@@ -89,7 +88,8 @@ def _siglip_vision_config(vision):
     """A ``SiglipVisionConfig`` from a vision-config dict, or from a full SigLIP config that nests one."""
     from transformers import SiglipVisionConfig
 
-    return SiglipVisionConfig(**{k: v for k, v in vision.get("vision_config", vision).items() if k != "model_type"})
+    vision = vision.get("vision_config", vision)
+    return SiglipVisionConfig(**{key: value for key, value in vision.items() if key != "model_type"})
 
 
 def _sub_configs(config):
@@ -98,8 +98,8 @@ def _sub_configs(config):
 
     text, vision = config.get("text_config"), config.get("vision_config")
     if not isinstance(text, dict) or not isinstance(vision, dict):
-        raise ValueError("expected a llama-3-vision-alpha-hf config.json with 'text_config' and 'vision_config', "
-                         f"found keys {sorted(config)}")
+        raise ValueError("expected a llama-3-vision-alpha-hf config.json with 'text_config' and "
+                         f"'vision_config', found keys {sorted(config)}")
     text = dict(text)
     try:
         return AutoConfig.for_model(text.pop("model_type", "llama"), **text), _siglip_vision_config(vision)
@@ -142,7 +142,8 @@ def _read_weights(folder, name_of):
                 for key in handle.keys():
                     name = name_of(key)
                     if name in state:
-                        raise ValueError(f"{file}: {key} holds {name} a second time (two key forms in one file)")
+                        raise ValueError(f"{file}: {key} holds {name} a second time "
+                                         "(two key forms in one file)")
                     if name is not None:
                         state[name] = handle.get_tensor(key)
         except ValueError:
@@ -157,8 +158,8 @@ def _check_sizes(folder, state, text_config, vision_config):
     built (a config asking for millions of layers would otherwise be built first)."""
     for what, config in (("text_config", text_config), ("vision_config", vision_config)):
         text = what == "text_config"
-        whole = ("vocab_size",) if text else ("image_size", "patch_size")
-        for name in whole + ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        sizes = ("vocab_size",) if text else ("image_size", "patch_size")
+        for name in sizes + ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             value = getattr(config, name, None)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{folder}: {what}.{name} must be a whole number >= 1, found {value!r}")
@@ -168,15 +169,17 @@ def _check_sizes(folder, state, text_config, vision_config):
         layer = "text_model.model.layers." if text else "encoder.layers."
         layers = sorted((int(key.split(layer)[1].split(".")[0]), key) for key in state if layer in key)
         if layers and layers[-1][0] + 1 != config.num_hidden_layers:
-            raise ValueError(f"{folder}: config.json gives {what}.num_hidden_layers = {config.num_hidden_layers}, "
-                             f"but the weights hold {layers[-1][0] + 1} layers, the last {layers[-1][1]}")
+            raise ValueError(f"{folder}: config.json gives {what}.num_hidden_layers = "
+                             f"{config.num_hidden_layers}, but the weights hold {layers[-1][0] + 1} layers, "
+                             f"the last {layers[-1][1]}")
         names = ("vocab_size", "hidden_size") if text else ("hidden_size", "patch_size")
-        key = next((key for key in state if key.endswith("embed_tokens.weight" if text else "patch_embedding.weight")),
-                   None)
-        said = tuple(getattr(config, name) for name in names)
-        if key and (state[key].shape[0], state[key].shape[-1]) != said:  # (vocab, width) or (width, .., patch)
-            raise ValueError(f"{folder}: config.json gives {what}.({', '.join(names)}) = {said}, but the weights "
-                             f"hold {(state[key].shape[0], state[key].shape[-1])} ({key})")
+        ending = "embed_tokens.weight" if text else "patch_embedding.weight"  # (vocab, width), (width..patch)
+        key = next((key for key in state if key.endswith(ending)), None)
+        said, found = tuple(getattr(config, name) for name in names), key and (state[key].shape[0],
+                                                                                state[key].shape[-1])
+        if key and found != said:
+            raise ValueError(f"{folder}: config.json gives {what}.({', '.join(names)}) = {said}, but the "
+                             f"weights hold {found} ({key})")
 
 
 def load_strict(module, state, folder):
@@ -227,49 +230,31 @@ def load_hf_layout(cls, path_or_hub_id):
 
 def load_vision_tower(path_or_hub_id):
     """SigLIP's vision tower from a folder or Hub id holding a full ``SiglipModel`` (as
-    ``google/siglip-so400m-patch14-384`` does) or a ``SiglipVisionModel``: only the vision tensors are read."""
+    ``google/siglip-so400m-patch14-384`` does) or a ``SiglipVisionModel``: only the vision tensors are
+    read."""
     from accelerate import init_empty_weights
     from transformers import SiglipVisionModel
 
     folder = _resolve_folder(path_or_hub_id, ["*.json", "*.safetensors"])
     vision_config = _siglip_vision_config(_read_config(folder))
     text_tower = ("text_model.", "logit_scale", "logit_bias")  # the rest of a full SiglipModel: never read
-    state = _read_weights(folder, lambda key: None if key.startswith(text_tower) else key.removeprefix("vision_model."))
+    state = _read_weights(folder, lambda key: None if key.startswith(text_tower) else
+                          key.removeprefix("vision_model."))
     if not any(key.startswith("head.") for key in state):
         vision_config.vision_use_head = False
     with init_empty_weights():
         tower = SiglipVisionModel(vision_config)
-    return load_strict(tower, {"vision_model." * _nests_siglip(tower) + k: v for k, v in state.items()}, folder)
+    nested = "vision_model." * _nests_siglip(tower)
+    return load_strict(tower, {nested + key: tensor for key, tensor in state.items()}, folder)
 
 
 # -- the alpha form ------------------------------------------------------------------------------------
-def _projector_file(projector):
-    """A projector file path, a folder holding one, or a Hub repo id (``mm_projector.*`` in it)."""
-    local = Path(projector)
-    if local.is_file():
-        return local
-    if local.is_dir():
-        for name in ("mm_projector.safetensors", "mm_projector.bin"):
-            if (local / name).is_file():
-                return local / name
-        raise ValueError(f"expected mm_projector.safetensors or mm_projector.bin in {local}")
-    return _projector_file(_resolve_folder(projector, ["mm_projector.*"]))
-
-
-def stored_dtype(llm):
-    """The dtype an LLM's ``config.json`` says its weights are stored in (None when it does not say)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(llm)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # torch_dtype in 4.x
-    return getattr(torch, stored) if isinstance(stored, str) else stored
-
-
 def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=False, load_in_8bit=False):
     """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision`` in ``dtype`` on ``device``.
 
-    ``load_in_4bit`` / ``load_in_8bit`` quantise the LLM with bitsandbytes (on a GPU, or on a CPU with
-    bitsandbytes >= 0.49). ``projector=None`` starts a fresh, untrained projector (stage-1 training).
+    ``projector``: a file, a folder holding ``mm_projector.*`` or a Hub id; None starts a fresh, untrained
+    projector (stage-1 training). ``load_in_4bit`` / ``load_in_8bit`` quantise the LLM with bitsandbytes
+    (on a GPU, or on a CPU with bitsandbytes >= 0.49).
     """
     import importlib.util
 
@@ -280,16 +265,21 @@ def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=Fal
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("4-bit/8-bit loading needs bitsandbytes (0.49 or newer also runs on a CPU): "
                              "pip install 'llama3vision-min[quant]'")
-        llm_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                                                               bnb_4bit_compute_dtype=dtype)
+        llm_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dtype)
         llm_kwargs["device_map"] = {"": str(device)}
     text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
     vision_model = load_vision_tower(vision)
     widths = vision_model.config.hidden_size, text_model.config.hidden_size
-    mm_projector = ProjectionModule(*widths) if projector is None else load_projector(_projector_file(projector))
-    if (mm_projector.mm_hidden_size, mm_projector.hidden_size) != widths:
-        raise ValueError(f"the projector maps {mm_projector.mm_hidden_size}-wide features to {mm_projector.hidden_size}"
-                         f"-wide vectors, but the vision model gives {widths[0]} and the LLM embeds in {widths[1]}")
-    for part in (vision_model, mm_projector) + ((text_model,) if not quantized else ()):
+    if projector is None:
+        projector = ProjectionModule(*widths)
+    else:
+        local = Path(projector).exists()
+        projector = load_projector(projector if local else _resolve_folder(projector, ["mm_projector.*"]))
+    if (projector.mm_hidden_size, projector.hidden_size) != widths:
+        raise ValueError(f"the projector maps {projector.mm_hidden_size}-wide features to "
+                         f"{projector.hidden_size}-wide vectors, but the vision model gives {widths[0]} and "
+                         f"the LLM embeds in {widths[1]}")
+    for part in (vision_model, projector) + ((text_model,) if not quantized else ()):
         part.to(device=device, dtype=dtype)
-    return cls(vision_model=vision_model, text_model=text_model, mm_projector=mm_projector).eval()
+    return cls(vision_model=vision_model, text_model=text_model, mm_projector=projector).eval()

@@ -1,4 +1,4 @@
-"""Step 7 of the pipeline: the model, a frozen SigLIP tower, a trained projector and a frozen Llama 3 wired together.
+"""Step 7 of the pipeline: the model -- a frozen SigLIP tower, a trained projector and a frozen Llama 3.
 
     picture --SigLIP--> (n, 729, 1152) --projector--> (n, 729, 4096) --.
     prompt --tokenizer_image_token--> ids with -200 --embed + splice--> (batch, T, 4096) --Llama 3--> answer
@@ -105,8 +105,9 @@ class LlamaVision(nn.Module):
         limit = getattr(self.text_model.config, "max_position_embeddings", None)
         longest = int(batch.attention_mask.sum(-1).max())
         if limit and longest > limit:
-            raise ValueError(f"the prompt is {longest} positions long (its text and {image_features.shape[1]} rows "
-                             f"per picture), but the LLM reads at most {limit}: shorten it")
+            raise ValueError(f"the prompt is {longest} positions long (its text and "
+                             f"{image_features.shape[1]} rows per picture), but the LLM reads at most "
+                             f"{limit}: shorten it")
         return batch
 
     # -- generation --------------------------------------------------------------------------
@@ -124,7 +125,8 @@ class LlamaVision(nn.Module):
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"expected a non-empty list of conversations, got {conversations!r}")
         if not isinstance(images, (list, tuple)) or len(images) != len(conversations):
-            raise ValueError(f"expected one picture per conversation ({len(conversations)}), got {images!r:.80}")
+            raise ValueError(f"expected one picture per conversation ({len(conversations)}), "
+                             f"got {images!r:.80}")
         ids = [prompt_ids(chat_segments(turns), tokenizer, special_tokens_in_text) for turns in conversations]
         image_features = self.encode_images(self.preprocess(images))  # (n_images, n_patches, hidden)
         return ids, self.splice(ids, image_features, padding_side="left")  # (batch, T, hidden)
@@ -150,7 +152,8 @@ class LlamaVision(nn.Module):
         Decode them with ``tokenizer.decode(ids, skip_special_tokens=True)``. Sampling at
         temperature 0.2 by default; pass ``do_sample=False`` for greedy, ``streamer=`` to stream.
         """
-        return self.generate_from_conversations([[(question, None)]], [image], tokenizer, **generate_kwargs)[0]
+        return self.generate_from_conversations([[(question, None)]], [image], tokenizer,
+                                                **generate_kwargs)[0]
 
     def answer_questions(self, images, questions, tokenizer, **generate_kwargs):
         """Answer a batch: ``questions[i]`` about ``images[i]``, all in one left-padded ``generate`` call."""
@@ -188,8 +191,8 @@ class LlamaVision(nn.Module):
         return take_over(model, implementation)
 
     @classmethod
-    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False, load_in_8bit=False,
-                   implementation="transformers"):
+    def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False,
+                   load_in_8bit=False, implementation="transformers"):
         """Assemble from the alpha form: a Llama 3 LLM, a SigLIP model and a projector file.
 
         Swapping the LLM is changing ``llm``: the projector is reused as it is. Device and dtype as for
@@ -198,8 +201,9 @@ class LlamaVision(nn.Module):
         """
         check_implementation(implementation)
         device = choose_device(device)
-        dtype = dtype or choose_dtype(device, loading.stored_dtype(llm))
-        model = loading.load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit, load_in_8bit)
+        dtype = dtype or choose_dtype(device, stored_dtype(llm))
+        model = loading.load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit,
+                                        load_in_8bit)
         return take_over(model, implementation)
 
     def save_pretrained(self, path, max_shard_size="5GB"):
@@ -208,7 +212,8 @@ class LlamaVision(nn.Module):
         ``huggingface_hub`` writes the shards and deletes an earlier save's (a stale index would be read)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": "llamavision", "architectures": ["LlamaVision"], "image_token_index": IMAGE_TOKEN_INDEX,
+        config = {"model_type": "llamavision", "architectures": ["LlamaVision"],
+                  "image_token_index": IMAGE_TOKEN_INDEX,
                   "text_config": with_legacy_rope(self.text_model.config.to_dict()),
                   "vision_config": self.vision_model.config.to_dict()}
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -241,6 +246,15 @@ def choose_dtype(device, stored=torch.float32):
     if stored in (None, torch.float32, torch.float64) or not cpu_computes_bfloat16():
         return torch.float32
     return torch.bfloat16
+
+
+def stored_dtype(llm):
+    """The dtype an LLM's ``config.json`` says its weights are stored in (None when it does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(llm)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # torch_dtype in 4.x
+    return getattr(torch, stored) if isinstance(stored, str) else stored
 
 
 def with_legacy_rope(text_config):

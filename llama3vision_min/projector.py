@@ -46,7 +46,8 @@ class ProjectionModule(nn.Module):
 
 
 # -- its file: the trained weights, in any of the four key forms the checkpoints use ----------------
-PROJECTOR_KEY = re.compile(r"^(?:model\.mm_projector|mm_projector\.model|mm_projector|model)\.([02])\.(weight|bias)$")
+PROJECTOR_KEY = re.compile(r"^(?:model\.mm_projector|mm_projector\.model|mm_projector|model)"
+                           r"\.([02])\.(weight|bias)$")
 """LLaVA's ``model.mm_projector.0.weight``, ``mm_projector.model.0.weight``, ``mm_projector.0.weight`` and the
 stripped ``model.0.weight`` (layers 0 and 2: index 1 is the GELU)."""
 
@@ -58,10 +59,15 @@ def projector_key(key):
 
 
 def read_state_dict(path):
-    """A ``.safetensors`` or ``.bin``/``.pt`` file as a dict of CPU tensors, read without running code: the
-    original reads ``mm_projector.bin`` with plain ``torch.load``; ``weights_only=True`` refuses a pickle
-    that would execute something while loading."""
+    """A projector file (``.safetensors``, ``.bin``, ``.pt``; or a folder holding ``mm_projector.safetensors``
+    or ``.bin``) as a dict of CPU tensors, read without running code: the original reads ``mm_projector.bin``
+    with plain ``torch.load``; ``weights_only=True`` refuses a pickle that would execute something."""
     path = Path(path)
+    if path.is_dir():
+        inside = [path / f"mm_projector{suffix}" for suffix in (".safetensors", ".bin")]
+        if not any(file.is_file() for file in inside):
+            raise ValueError(f"expected mm_projector.safetensors or mm_projector.bin in {path}")
+        path = next(file for file in inside if file.is_file())
     if not path.is_file():
         raise ValueError(f"expected a checkpoint file, but {path} does not exist or is not a file")
     if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
@@ -81,7 +87,8 @@ def read_state_dict(path):
 
 
 def load_projector(path, mm_hidden_size=None, hidden_size=None):
-    """The projector from a ``.bin`` or ``.safetensors`` file, in any key form, in the file's dtype; its sizes
+    """The projector from a ``.bin`` or ``.safetensors`` file (or a folder holding ``mm_projector.*``), in
+    any key form, in the file's dtype; its sizes
     come from the file (and must equal ``mm_hidden_size`` / ``hidden_size`` when those are given)."""
     found, state = read_state_dict(path), {}
     for key, tensor in found.items():
@@ -90,8 +97,9 @@ def load_projector(path, mm_hidden_size=None, hidden_size=None):
             raise ValueError(f"{path}: {key} holds {name} a second time (two key forms in one file)")
         state[name] = tensor
     if len(found) != 4 or None in state:
-        raise ValueError(f"{path}: expected projector keys like model.mm_projector.0.weight, model.0.weight or "
-                         f"mm_projector.model.0.weight (layers 0 and 2, weight and bias); found {sorted(found)[:8]}")
+        raise ValueError(f"{path}: expected projector keys like model.mm_projector.0.weight, model.0.weight "
+                         f"or mm_projector.model.0.weight (layers 0 and 2, weight and bias); "
+                         f"found {sorted(found)[:8]}")
     for key, tensor in sorted(state.items()):
         rank = 2 if key.endswith("weight") else 1
         if not tensor.is_floating_point() or tensor.dim() != rank:
@@ -100,8 +108,8 @@ def load_projector(path, mm_hidden_size=None, hidden_size=None):
     hidden, mm = state["model.0.weight"].shape  # a Linear stores (out, in)
     expected = (hidden_size or hidden, mm_hidden_size or mm)
     if (hidden, mm) != expected:
-        raise ValueError(f"{path}: expected a projector {expected[1]} -> {expected[0]} (model.0.weight of shape "
-                         f"{expected}), found model.0.weight of shape {(hidden, mm)}")
+        raise ValueError(f"{path}: expected a projector {expected[1]} -> {expected[0]} (model.0.weight of "
+                         f"shape {expected}), found model.0.weight of shape {(hidden, mm)}")
     for key, shape in (("model.0.bias", (hidden,)), ("model.2.weight", (hidden, hidden)),
                        ("model.2.bias", (hidden,))):
         if tuple(state[key].shape) != shape:

@@ -65,7 +65,8 @@ def chat_segments(turns):
             raise ValueError("turns must be (question, answer) pairs of strings, the last with answer None; "
                              f"got turn {i} = {turn!r}")
         if i == 0:
-            segments += [("template", USER), ("text", "\n\n"), ("image", IMAGE_PLACEHOLDER), ("text", question)]
+            segments += [("template", USER), ("text", "\n\n"), ("image", IMAGE_PLACEHOLDER),
+                         ("text", question)]
         else:
             segments += [("template", USER), ("text", "\n\n" + question)]
         segments.append(("template", EOT_TOKEN))

@@ -39,24 +39,19 @@ def process_tensors(input_ids, image_features, embedding_layer):
     returns:        embeds (1, L - 1 + n_patches, hidden), mask (1, L - 1 + n_patches) of ones (long)
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(
-            f"process_tensors expects input_ids of shape (1, seq_len), got {tuple(getattr(input_ids, 'shape', ()))}; "
-            "use splice_batch for batches"
-        )
+        raise ValueError(f"process_tensors expects input_ids of shape (1, seq_len), got "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}; use splice_batch for batches")
     check_ids(input_ids, embedding_layer.weight.shape[0])
     sentinels = (input_ids[0] == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0]
     if len(sentinels) == 0:
-        raise ValueError(
-            f"input_ids contain no image sentinel ({IMAGE_TOKEN_INDEX}); "
-            "tokenize a prompt that has '<image>' with tokenizer_image_token"
-        )
+        raise ValueError(f"input_ids contain no image sentinel ({IMAGE_TOKEN_INDEX}); "
+                         "tokenize a prompt that has '<image>' with tokenizer_image_token")
     if len(sentinels) > 1:
-        raise ValueError(
-            f"process_tensors takes one image but input_ids contain {len(sentinels)} sentinels; use splice_batch"
-        )
+        raise ValueError(f"process_tensors takes one image but input_ids contain {len(sentinels)} "
+                         "sentinels; use splice_batch")
     split = int(sentinels[0])
 
-    input_ids = input_ids.to(embedding_layer.weight.device)  # the ids meet the embedding where it lives (e.g. a GPU)
+    input_ids = input_ids.to(embedding_layer.weight.device)  # the ids go where the embedding lives (a GPU)
     before = embedding_layer(input_ids[:, :split])  # (1, split, hidden)
     after = embedding_layer(input_ids[:, split + 1 :])  # (1, L - split - 1, hidden)
     device = image_features.device
@@ -99,7 +94,8 @@ def _rows(input_ids, attention_mask, labels):
             isinstance(ids, torch.Tensor) and ids.dim() == 1 for ids in input_ids):
         raise ValueError("input_ids must be a tensor or a list of 1-D id tensors")
     elif attention_mask is not None or labels is not None:
-        raise ValueError("a list of unpadded id tensors takes no attention_mask or labels: pad them into a tensor")
+        raise ValueError("a list of unpadded id tensors takes no attention_mask or labels: "
+                         "pad them into a tensor")
     if len(input_ids) == 0:
         raise ValueError("input_ids hold no prompt (an empty batch)")
     for b, ids in enumerate(input_ids):
@@ -134,14 +130,12 @@ def splice_batch(
     for ids, _ in rows:
         check_ids(ids, weight.shape[0], image_token_index)
     if image_features.dim() != 3 or image_features.shape[-1] != weight.shape[1]:
-        raise ValueError(f"image_features must be (n_images, n_patches, {weight.shape[1]}) -- projected to the "
-                         f"LLM's width -- got shape {tuple(image_features.shape)}")
+        raise ValueError(f"image_features must be (n_images, n_patches, {weight.shape[1]}) -- projected to "
+                         f"the LLM's width -- got shape {tuple(image_features.shape)}")
     n_sentinels = sum(int((ids == image_token_index).sum()) for ids, _ in rows)
     if n_sentinels != len(image_features):
-        raise ValueError(
-            f"the prompts hold {n_sentinels} image sentinels ({image_token_index}) "
-            f"but {len(image_features)} image feature blocks were given"
-        )
+        raise ValueError(f"the prompts hold {n_sentinels} image sentinels ({image_token_index}) "
+                         f"but {len(image_features)} image feature blocks were given")
 
     image_features = image_features.to(device=weight.device, dtype=weight.dtype)
     next_image = 0
@@ -157,7 +151,7 @@ def splice_batch(
             next_image += 1
             embed_pieces += [text_embeds[start:pos], image]
             if row_labels is not None:
-                ignore = torch.full((len(image),), IGNORE_INDEX, dtype=row_labels.dtype, device=row_labels.device)
+                ignore = row_labels.new_full((len(image),), IGNORE_INDEX)
                 label_pieces += [row_labels[start:pos], ignore]
             start = pos + 1
         embed_pieces.append(text_embeds[start:])
@@ -174,7 +168,7 @@ def _pad(spliced, padding_side, with_labels):
     like = spliced[0][0]
     inputs_embeds = like.new_zeros(batch, longest, hidden)  # (batch, T, hidden)
     attention_mask = torch.zeros(batch, longest, dtype=torch.long, device=like.device)  # (batch, T)
-    out_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long, device=like.device) if with_labels else None
+    out_labels = torch.full((batch, longest), IGNORE_INDEX, device=like.device) if with_labels else None
     for b, (embeds, row_labels) in enumerate(spliced):
         n = len(embeds)
         where = slice(longest - n, longest) if padding_side == "left" else slice(0, n)

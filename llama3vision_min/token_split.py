@@ -63,7 +63,8 @@ def prompt_ids(segments, tokenizer, special_tokens_in_text=False, continuation=F
     (the prompt goes on an earlier sequence). Returns a 1-D ``torch.LongTensor``.
     """
     if special_tokens_in_text:
-        ids = tokenizer_image_token("".join(text for _, text in segments), tokenizer, image_token_index).tolist()
+        prompt = "".join(text for _, text in segments)
+        ids = tokenizer_image_token(prompt, tokenizer, image_token_index).tolist()
         return torch.tensor(_without_bos(ids, tokenizer) if continuation else ids, dtype=torch.long)
     ids = []
     for kind, text in segments:

@@ -104,7 +104,7 @@ def make_image(mode="RGB", size=(37, 23), seed=0):
     return image.convert(mode)
 
 
-# -- refusals: each asserted with its words (DEVELOPERS.md, "Fail loudly, lose nothing") ----------------------
+# -- refusals: each asserted with its words (DEVELOPERS.md, "Fail loudly, lose nothing") ---------------------
 def refused(call, *words, kind=ValueError):
     """``call()`` raises ``kind`` whose message holds every one of ``words``."""
     with pytest.raises(kind) as error:
@@ -136,7 +136,8 @@ def shard_checkpoint(folder):
     (folder / "model.safetensors").unlink()
     keys = sorted(state)
     half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    shards = {"model-00001-of-00002.safetensors": keys[:half],
+              "model-00002-of-00002.safetensors": keys[half:]}
     for name, names in shards.items():
         save_file({k: state[k] for k in names}, str(folder / name), metadata={"format": "pt"})
     weight_map = {k: name for name, names in shards.items() for k in names}

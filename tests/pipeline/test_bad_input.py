@@ -176,7 +176,8 @@ def test_the_switch_reads_special_tokens_in_text_as_the_original_does(tiny):
 def test_the_switch_reaches_answer_question(tiny):
     model, tokenizer = tiny
     image = make_image()
-    literal = model.answer_question(image, INJECTION, tokenizer, do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    literal = model.answer_question(image, INJECTION, tokenizer, do_sample=False, max_new_tokens=4,
+                                    min_new_tokens=4)
     switched = model.answer_question(image, INJECTION, tokenizer, do_sample=False, max_new_tokens=4,
                                      min_new_tokens=4, special_tokens_in_text=True)
     theirs = original.answer_question(image, INJECTION, tokenizer, vision_model=model.vision_model,
@@ -193,7 +194,8 @@ def test_image_placeholder_typed_in_a_question_is_text_unless_switched(tiny):
     assert model.answer_question(make_image(), "left <image> right", tokenizer, do_sample=False,
                                  max_new_tokens=2, min_new_tokens=2).shape == (2,)
     refused(lambda: model.answer_question(make_image(), "left <image> right", tokenizer, max_new_tokens=1,
-                                          special_tokens_in_text=True), "2 image sentinels", "1 image feature blocks")
+                                          special_tokens_in_text=True),
+            "2 image sentinels", "1 image feature blocks")
 
 
 def test_an_empty_question_is_answered(tiny):
@@ -205,7 +207,8 @@ def test_an_empty_question_is_answered(tiny):
 def test_a_prompt_longer_than_the_context_is_refused_before_generating(tiny):
     model, tokenizer = tiny
     limit = model.text_model.config.max_position_embeddings
-    refused(lambda: model.answer_question(make_image(), "what is this? " * limit, tokenizer, max_new_tokens=1),
+    refused(lambda: model.answer_question(make_image(), "what is this? " * limit, tokenizer,
+                                          max_new_tokens=1),
             "positions long", f"reads at most {limit}")
 
 
@@ -258,7 +261,8 @@ def _ids(tokenizer):
 def test_ids_the_splice_refuses(tiny, make, words):
     model, tokenizer = tiny
     features = torch.zeros(1, 16, model.text_model.config.hidden_size)
-    refused(lambda: splice_batch(make(_ids(tokenizer)), features, model.text_model.get_input_embeddings()), *words)
+    refused(lambda: splice_batch(make(_ids(tokenizer)), features, model.text_model.get_input_embeddings()),
+            *words)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -277,7 +281,8 @@ def test_unpadded_rows_take_no_mask(tiny):
     model, tokenizer = tiny
     features = torch.zeros(1, 16, model.text_model.config.hidden_size)
     refused(lambda: splice_batch([_ids(tokenizer)], features, model.text_model.get_input_embeddings(),
-                                 attention_mask=torch.ones(1, len(_ids(tokenizer)))), "takes no attention_mask")
+                                 attention_mask=torch.ones(1, len(_ids(tokenizer)))),
+            "takes no attention_mask")
 
 
 @pytest.mark.parametrize("features, words", [
@@ -287,7 +292,8 @@ def test_unpadded_rows_take_no_mask(tiny):
 ], ids=["wrong-width", "2-d", "two-for-one"])
 def test_image_features_that_do_not_fit(tiny, features, words):
     model, tokenizer = tiny
-    refused(lambda: splice_batch(_ids(tokenizer)[None], features, model.text_model.get_input_embeddings()), *words)
+    refused(lambda: splice_batch(_ids(tokenizer)[None], features, model.text_model.get_input_embeddings()),
+            *words)
 
 
 @pytest.mark.parametrize("make, words", [
@@ -300,7 +306,8 @@ def test_image_features_that_do_not_fit(tiny, features, words):
 def test_the_originals_splice_refuses(tiny, make, words):
     model, tokenizer = tiny
     features = torch.zeros(1, 16, model.text_model.config.hidden_size)
-    refused(lambda: process_tensors(make(_ids(tokenizer)), features, model.text_model.get_input_embeddings()), *words)
+    refused(lambda: process_tensors(make(_ids(tokenizer)), features,
+                                    model.text_model.get_input_embeddings()), *words)
 
 
 def test_forward_needs_a_picture(tiny):
@@ -325,8 +332,8 @@ def test_forward_needs_a_picture(tiny):
     ({"eos_token_id": "<|eot_id|>"}, ["eos_token_id must be a token id or a list of them"]),
     ({"eos_token_id": []}, ["eos_token_id must be a token id or a list of them"]),
 ], ids=["tokens-text", "tokens-zero", "tokens-bool", "tokens-float", "min-negative", "temperature-text",
-        "temperature-zero", "sample-text", "top-p", "top-k", "streamer-object", "streamer-function", "eos-text",
-        "eos-empty"])
+        "temperature-zero", "sample-text", "top-p", "top-k", "streamer-object", "streamer-function",
+        "eos-text", "eos-empty"])
 def test_generation_settings_of_the_wrong_kind(tiny, setting, words):
     model, tokenizer = tiny
     refused(lambda: model.answer_question(make_image(), Q, tokenizer, **setting), *words)
@@ -357,13 +364,16 @@ def test_a_config_json_that_is_not_a_config(folder, content, words):
     (lambda c: c["text_config"].update(num_hidden_layers="two"), ["num_hidden_layers", "'two'"]),
     (lambda c: c["text_config"].update(num_hidden_layers=0), ["text_config.num_hidden_layers", "0"]),
     (lambda c: c["text_config"].update(hidden_size=10**9), ["(vocab_size, hidden_size)", "1000000000"]),
-    (lambda c: c["text_config"].update(vocab_size=-4), ["text_config.vocab_size must be a whole number", "-4"]),
+    (lambda c: c["text_config"].update(vocab_size=-4),
+     ["text_config.vocab_size must be a whole number", "-4"]),
     (lambda c: c["vision_config"].update(patch_size=-8), ["vision_config.patch_size", "-8"]),
-    (lambda c: c["vision_config"].update(num_hidden_layers=7), ["vision_config.num_hidden_layers = 7", "hold 2 layers"]),
-    (lambda c: c["vision_config"].update(num_attention_heads=5), ["is not a multiple of num_attention_heads (5)"]),
+    (lambda c: c["vision_config"].update(num_hidden_layers=7),
+     ["vision_config.num_hidden_layers = 7", "hold 2 layers"]),
+    (lambda c: c["vision_config"].update(num_attention_heads=5),
+     ["is not a multiple of num_attention_heads (5)"]),
     (lambda c: c["vision_config"].update(hidden_size=True), ["hidden_size", "True"]),
-], ids=["millions-of-layers", "layers-text", "no-layers", "huge-width", "negative-vocabulary", "negative-patch",
-        "vision-layers", "heads-do-not-divide", "width-bool"])
+], ids=["millions-of-layers", "layers-text", "no-layers", "huge-width", "negative-vocabulary",
+        "negative-patch", "vision-layers", "heads-do-not-divide", "width-bool"])
 def test_config_sizes_are_checked_before_anything_is_built(folder, change, words):
     spoil_config(folder, change)
     refused(lambda: LlamaVision.from_pretrained(folder), *words)
@@ -398,7 +408,8 @@ def test_a_shard_index_may_not_name_files_outside_the_folder(folder, tmp_path, w
 def test_a_shard_the_index_names_but_the_folder_lacks(folder):
     shard_checkpoint(folder)
     (folder / "model-00002-of-00002.safetensors").unlink()
-    refused(lambda: LlamaVision.from_pretrained(folder), "model-00002-of-00002.safetensors", "which is not in")
+    refused(lambda: LlamaVision.from_pretrained(folder), "model-00002-of-00002.safetensors",
+            "which is not in")
 
 
 def test_saving_over_a_sharded_save_leaves_no_stale_weights(tiny, tmp_path):
@@ -412,12 +423,14 @@ def test_saving_over_a_sharded_save_leaves_no_stale_weights(tiny, tmp_path):
         changed.mm_projector.model[0].bias.add_(1.0)
     changed.save_pretrained(target)
     assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]
-    assert torch.equal(LlamaVision.from_pretrained(target).mm_projector.model[0].bias, changed.mm_projector.model[0].bias)
+    assert torch.equal(LlamaVision.from_pretrained(target).mm_projector.model[0].bias,
+                       changed.mm_projector.model[0].bias)
 
 
 @pytest.mark.parametrize("extra, words", [
     ({"mm_projector.0.weight": "mm_projector.model.0.weight"}, ["mm_projector.model.0.weight a second time"]),
-    ({"vision_model.embeddings.patch_embedding.bias": "vision_model.vision_model.embeddings.patch_embedding.bias"},
+    ({"vision_model.embeddings.patch_embedding.bias":
+      "vision_model.vision_model.embeddings.patch_embedding.bias"},
      ["embeddings.patch_embedding.bias a second time"]),
 ], ids=["projector", "vision"])
 def test_two_key_forms_of_one_weight_are_refused(folder, extra, words):
@@ -456,7 +469,8 @@ def _projector_state(tiny):
      ["model.2.bias", "torch.int64"]),
     (lambda s: s.pop("model.mm_projector.2.bias"), ["layers 0 and 2, weight and bias"]),
     (lambda s: s.update({"model.mm_projector.4.weight": torch.zeros(2, 2)}), ["layers 0 and 2"]),
-    (lambda s: s.update({"model.mm_projector.0.bias": torch.zeros(5)}), ["model.0.bias of shape (64,)", "(5,)"]),
+    (lambda s: s.update({"model.mm_projector.0.bias": torch.zeros(5)}),
+     ["model.0.bias of shape (64,)", "(5,)"]),
 ], ids=["1-d-weight", "integer-bias", "missing-bias", "third-layer", "bias-shape"])
 def test_projector_files_that_do_not_hold_a_projector(tiny, tmp_path, spoil, words):
     state = _projector_state(tiny)

@@ -122,7 +122,8 @@ def test_saved_folder_has_the_hf_layout(tiny, saved):
     model, _ = tiny
     folder, _ = saved
     keys = _file_keys(folder)
-    assert keys and all(key.startswith(PREFIXES) for key in keys), [k for k in keys if not k.startswith(PREFIXES)]
+    assert keys and all(key.startswith(PREFIXES) for key in keys), [k for k in keys
+                                                                     if not k.startswith(PREFIXES)]
     for prefix in PREFIXES:  # each part is present, not just allowed
         assert any(key.startswith(prefix) for key in keys), prefix
     assert {k for k in keys if k.startswith("mm_projector.")} == {
@@ -207,7 +208,8 @@ def test_tied_word_embeddings_round_trip(tiny, tmp_path):
     torch.manual_seed(11)
     text_model = LlamaForCausalLM(text_config).eval()
     assert text_model.lm_head.weight.data_ptr() == text_model.get_input_embeddings().weight.data_ptr()
-    tied = LlamaVision(vision_model=model.vision_model, text_model=text_model, mm_projector=model.mm_projector)
+    tied = LlamaVision(vision_model=model.vision_model, text_model=text_model,
+                       mm_projector=model.mm_projector)
     reference_logits = _logits(tied, tokenizer)
 
     tied.save_pretrained(tmp_path)
@@ -226,7 +228,8 @@ def test_dtype_bfloat16(tiny, saved):
     for part in ("text_model", "vision_model", "mm_projector"):
         for name, parameter in getattr(loaded, part).named_parameters():
             assert parameter.dtype == torch.bfloat16, f"{part}.{name}"
-    assert torch.equal(loaded.mm_projector.model[0].weight, model.mm_projector.model[0].weight.to(torch.bfloat16))
+    assert torch.equal(loaded.mm_projector.model[0].weight,
+                       model.mm_projector.model[0].weight.to(torch.bfloat16))
     logits = _logits(loaded, tokenizer)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
@@ -333,8 +336,9 @@ def _full_siglip(vision_model, folder):
     """A full SiglipModel (text and vision towers) whose vision tower carries ``vision_model``'s weights."""
     from transformers import SiglipConfig, SiglipModel
 
-    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
     config = SiglipConfig(text_config=text, vision_config=vision_model.config.to_dict())
     torch.manual_seed(5)
     full = SiglipModel(config).eval()
@@ -433,7 +437,8 @@ def test_quantised_loading_without_bitsandbytes_says_how_to_get_it(alpha, monkey
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="bitsandbytes is not installed (pip install 'llama3vision-min[quant]')")
 def test_4bit_loading_runs_on_a_cpu_and_the_export_refuses_it(tiny, alpha, tmp_path):
-    """bitsandbytes >= 0.49 quantises on a CPU too; the LLaVA export needs full-precision weights and says so."""
+    """bitsandbytes >= 0.49 quantises on a CPU too; the LLaVA export needs full-precision weights and
+    says so."""
     from llama3vision_min.tools.llava_export import export_llava
 
     _, tokenizer = tiny

@@ -61,7 +61,8 @@ def expand_labels(ids, labels, n_p):
 
 def own_loss(logits, expanded_labels):
     """Mean cross-entropy of next-token prediction over targets that are not -100."""
-    labels = torch.tensor(expanded_labels) if not isinstance(expanded_labels, torch.Tensor) else expanded_labels
+    labels = (torch.tensor(expanded_labels) if not isinstance(expanded_labels, torch.Tensor)
+              else expanded_labels)
     labels = labels.reshape(logits.shape[0], -1)
     pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     target = labels[:, 1:].reshape(-1)
@@ -167,7 +168,7 @@ def test_loss_unaffected_by_logits_at_the_last_position(tiny):
 def test_loss_depends_on_answer_labels(tiny):
     model, tok = tiny
     ids, labels = training_example(tok)
-    wrong = [l if l == IGNORE else (l + 1) % 300 for l in labels]
+    wrong = [label if label == IGNORE else (label + 1) % 300 for label in labels]
     pv = pixels(model, 1)
     with torch.no_grad():
         a = model(torch.tensor([ids]), pixel_values=pv, labels=torch.tensor([labels])).loss
@@ -190,7 +191,8 @@ def test_only_the_projector_gets_gradients_when_towers_are_frozen(tiny):
         assert param.requires_grad
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
-    for name, param in list(model.vision_model.named_parameters()) + list(model.text_model.named_parameters()):
+    for name, param in (list(model.vision_model.named_parameters())
+                        + list(model.text_model.named_parameters())):
         assert param.grad is None, name
 
 
@@ -237,7 +239,8 @@ def test_vision_features_path_equals_pixel_values_path(both_sizes):
 
 def test_right_padded_batch_matches_each_row_alone(both_sizes):
     model, tok = both_sizes
-    long_ids, long_labels = training_example(tok, "Please describe this image in detail.", "the picture shows a cat.")
+    long_ids, long_labels = training_example(tok, "Please describe this image in detail.",
+                                             "the picture shows a cat.")
     short_ids, short_labels = training_example(tok, "what?", "red.", n_images=2)
     assert len(long_ids) != len(short_ids)
     width = max(len(long_ids), len(short_ids))

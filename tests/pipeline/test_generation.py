@@ -231,7 +231,8 @@ def test_without_eot_as_stop_generation_runs_on(tiny):
     eot = eot_id(tok)
     force = ForceEotAfter(2, eot, forbid=[eot, tok.eos_token_id])
     ids = model.answer_question(make_image(), "what is this?", tok, do_sample=False, max_new_tokens=6,
-                                eos_token_id=[tok.eos_token_id], logits_processor=LogitsProcessorList([force]))
+                                eos_token_id=[tok.eos_token_id],
+                                logits_processor=LogitsProcessorList([force]))
     assert len(ids) == 6 and ids[2:].tolist() == [eot] * 4
 
 
@@ -244,8 +245,8 @@ def test_text_iterator_streamer_yields_the_decoded_answer(tiny):
     force = ForceEotAfter(8, eot, forbid=[eot, tok.eos_token_id])
 
     def run():
-        result["ids"] = model.answer_question(make_image(seed=3), "describe the picture.", tok, do_sample=False,
-                                              max_new_tokens=12, streamer=streamer,
+        result["ids"] = model.answer_question(make_image(seed=3), "describe the picture.", tok,
+                                              do_sample=False, max_new_tokens=12, streamer=streamer,
                                               logits_processor=LogitsProcessorList([force]))
 
     thread = threading.Thread(target=run)
@@ -301,11 +302,13 @@ def test_answer_questions_rows_end_at_their_own_stop(tiny):
     images = [make_image(seed=10 + i) for i in range(3)]
     questions = ["what is this?", "describe the picture.", "how many shapes are there?"]
     forbid = [eot, tok.eos_token_id]
-    batched = model.answer_questions(images, questions, tok, do_sample=False, max_new_tokens=10,
-                                     logits_processor=LogitsProcessorList([ForceEotPerRow(steps, eot, forbid)]))
+    batched = model.answer_questions(
+        images, questions, tok, do_sample=False, max_new_tokens=10,
+        logits_processor=LogitsProcessorList([ForceEotPerRow(steps, eot, forbid)]))
     for b, n in enumerate(steps):
-        single = model.answer_question(images[b], questions[b], tok, do_sample=False, max_new_tokens=10,
-                                       logits_processor=LogitsProcessorList([ForceEotPerRow([n], eot, forbid)]))
+        single = model.answer_question(
+            images[b], questions[b], tok, do_sample=False, max_new_tokens=10,
+            logits_processor=LogitsProcessorList([ForceEotPerRow([n], eot, forbid)]))
         assert len(single) == n + 1 and single[-1].item() == eot
         assert batched[b].tolist() == single.tolist()
 
@@ -328,7 +331,8 @@ def test_chat_keeps_image_and_history_on_every_turn(tiny):
         assert tok.decode(call["output"][0], skip_special_tokens=True) == answer
 
     # Turn 2: image in the first user turn, then q1, a1, then q2 -- built by hand.
-    turn2 = [HEADER, q1 + "<|eot_id|>" + ASSISTANT + a1 + "<|eot_id|>" + HEADER + q2 + "<|eot_id|>" + ASSISTANT]
+    turn2 = [HEADER,
+             q1 + "<|eot_id|>" + ASSISTANT + a1 + "<|eot_id|>" + HEADER + q2 + "<|eot_id|>" + ASSISTANT]
     want, features = own_embeds(model, image, own_prompt_ids(tok, turn2))
     got = calls[1]["kwargs"]["inputs_embeds"]
     assert got.shape == want.shape
@@ -377,7 +381,8 @@ def test_cached_follow_up_equals_a_fresh_run_over_the_whole_conversation(tiny):
     chat = model.chat(image, tokenizer, reuse_cache=True, **fixed)
     chat.ask("what is this?")
     n_turn1 = len(chat.sequence)  # prompt (image rows as pad ids) + answer + closing <|eot_id|>
-    turn2 = continuation_ids(USER_HEADER + "what colour is the shape?" + EOT_TOKEN + ASSISTANT_HEADER, tokenizer)
+    turn2 = continuation_ids(USER_HEADER + "what colour is the shape?" + EOT_TOKEN + ASSISTANT_HEADER,
+                             tokenizer)
     fork = chat.fork()
     chat.ask("what colour is the shape?")
     answer2 = torch.tensor(chat.sequence[n_turn1 + len(turn2): -1])  # the appended <|eot_id|> dropped
@@ -393,6 +398,7 @@ def test_cached_follow_up_equals_a_fresh_run_over_the_whole_conversation(tiny):
     assert batch.inputs_embeds.shape[1] == n_turn1 + len(turn2)
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
     with torch.no_grad():
-        fresh = model.text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+        fresh = model.text_model.generate(inputs_embeds=batch.inputs_embeds,
+                                          attention_mask=batch.attention_mask,
                                           eos_token_id=stops, pad_token_id=stops[0], **fixed)[0]
     assert torch.equal(fresh, answer2), (fresh.tolist(), answer2.tolist())

@@ -66,7 +66,8 @@ def features():
 # -- the module itself ---------------------------------------------------------------------
 def test_projection_module_state_dict_keys_are_exactly_the_official_ones():
     projector = ProjectionModule(MM, HIDDEN)
-    assert list(projector.state_dict()) == ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+    assert list(projector.state_dict()) == ["model.0.weight", "model.0.bias", "model.2.weight",
+                                            "model.2.bias"]
     shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
     assert shapes == {"model.0.weight": (HIDDEN, MM), "model.0.bias": (HIDDEN,),
                       "model.2.weight": (HIDDEN, HIDDEN), "model.2.bias": (HIDDEN,)}
@@ -126,10 +127,12 @@ def test_file_dtype_is_kept(tmp_path, reference):
     assert torch.equal(loaded.model[0].weight, state["model.mm_projector.0.weight"])
 
 
-@pytest.mark.parametrize("given", [{"mm_hidden_size": 32}, {"hidden_size": 48}, {"mm_hidden_size": 32, "hidden_size": 48}])
+@pytest.mark.parametrize("given", [{"mm_hidden_size": 32}, {"hidden_size": 48},
+                                   {"mm_hidden_size": 32, "hidden_size": 48}])
 def test_expected_dims_that_differ_from_the_file_are_refused_naming_both_shapes(tmp_path, reference, given):
     path = _write(tmp_path / "mm_projector.bin", _state_in_form(reference, "llava"))
-    expected = (given.get("hidden_size", HIDDEN), given.get("mm_hidden_size", MM))  # (out, in) as Linear stores it
+    # (out, in) as Linear stores it
+    expected = (given.get("hidden_size", HIDDEN), given.get("mm_hidden_size", MM))
     with pytest.raises(ValueError) as error:
         load_projector(path, **given)
     message = str(error.value)
@@ -190,7 +193,8 @@ def test_empty_file_of_tensors_is_refused(tmp_path):
 def test_corrupt_file_is_refused_as_value_error(tmp_path, suffix):
     path = tmp_path / f"mm_projector{suffix}"
     path.write_bytes(b"\x00this is not a checkpoint" * 10)
-    words = {".bin": "not a plain tensor pickle", ".safetensors": "is not a readable safetensors file"}[suffix]
+    words = {".bin": "not a plain tensor pickle",
+             ".safetensors": "is not a readable safetensors file"}[suffix]
     refused(lambda: load_projector(path), words, path.name)
 
 

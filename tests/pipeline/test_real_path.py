@@ -3,7 +3,8 @@
 What a Colab user runs -- ``from_alpha`` / ``from_pretrained`` with Hub ids, ``LLAMA3VISION_BACKEND=real``,
 the command lines, the README's code -- runs here on tiny checkpoints laid out like the real
 ones, on the CPU. The GPU itself is not here: device handling is checked by where tensors are sent
-(``process_tensors`` test) and by reading the code. The notebooks run on this path in ``tests/repo/test_colab.py``.
+(``process_tensors`` test) and by reading the code. The notebooks run on this path in
+``tests/repo/test_colab.py``.
 """
 
 import importlib.util
@@ -36,8 +37,10 @@ REAL_HF_FILES = {"config.json", *REMOTE_CODE, *HF_SHARDS, "model.safetensors.ind
 """The files on the real -hf repository's main branch (the reference's listing), but its ``assets/`` folder,
 whose contents were not listed (the fake has none)."""
 REPOS = {REAL_VISION: {"config.json", "model.safetensors", "preprocessor_config.json"},
-         REAL_LLM: {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"},
-         OTHER_LLM: {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"},
+         REAL_LLM: {"config.json", "generation_config.json", "model.safetensors.index.json",
+                    "tokenizer.json"},
+         OTHER_LLM: {"config.json", "generation_config.json", "model.safetensors.index.json",
+                     "tokenizer.json"},
          REAL_PROJECTOR: {"mm_projector.bin"},
          REAL_HF: REAL_HF_FILES}
 EXACT = {REAL_HF}
@@ -106,7 +109,8 @@ def test_fake_checkpoints_hold_what_the_real_ones_hold(fake_hub):
         keys = set(handle.keys())
     assert {"logit_scale", "logit_bias"} <= keys and any(k.startswith("text_model.") for k in keys)
     generation = json.loads(Path(hf_hub_download(REAL_LLM, "generation_config.json")).read_text())
-    assert generation["top_p"] == 0.9 and generation["max_length"] == 4096 and len(generation["eos_token_id"]) == 2
+    assert (generation["top_p"] == 0.9 and generation["max_length"] == 4096
+            and len(generation["eos_token_id"]) == 2)
     projector = torch.load(hf_hub_download(REAL_PROJECTOR, "mm_projector.bin"), weights_only=True)
     assert sorted(projector) == [f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
     # the -hf repository: test_fake_hf_repository_is_laid_out_as_the_real_one
@@ -281,12 +285,13 @@ def test_alpha_form_loads_from_the_hub_ids_where_and_as_chosen(alpha, tokenizer)
     expected = model_module.choose_dtype(device, torch.bfloat16)
     assert {p.dtype for p in alpha.parameters()} == {expected}
     assert device.type == "cuda" or expected in (torch.bfloat16, torch.float32)
-    ids = alpha.answer_question(Image.open(PHOTO), "what is this?", tokenizer, do_sample=False, max_new_tokens=4,
-                                min_new_tokens=4)
+    ids = alpha.answer_question(Image.open(PHOTO), "what is this?", tokenizer, do_sample=False,
+                                max_new_tokens=4, min_new_tokens=4)
     assert ids.shape == (4,)
 
 
-def test_hf_form_loads_from_the_hub_id_and_a_float16_checkpoint_leaves_float16_on_a_cpu(fake_hub, monkeypatch):
+def test_hf_form_loads_from_the_hub_id_and_a_float16_checkpoint_leaves_float16_on_a_cpu(fake_hub,
+                                                                                        monkeypatch):
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
 
@@ -297,7 +302,8 @@ def test_hf_form_loads_from_the_hub_id_and_a_float16_checkpoint_leaves_float16_o
         monkeypatch.setattr(model_module, "cpu_computes_bfloat16", lambda: computes_bf16)
         model = LlamaVision.from_pretrained(REAL_HF)
         assert model.device.type == "cpu" and {p.dtype for p in model.parameters()} == {expected}
-    assert LlamaVision.from_pretrained(REAL_HF, dtype=torch.float16).text_model.dtype == torch.float16  # if asked
+    # if asked
+    assert LlamaVision.from_pretrained(REAL_HF, dtype=torch.float16).text_model.dtype == torch.float16
 
 
 def test_the_remote_code_is_neither_downloaded_nor_run(fake_hub, monkeypatch):
@@ -466,7 +472,8 @@ def test_process_tensors_sends_the_ids_to_the_embedding_layers_device():
     assert seen == [torch.device("meta")] * 2 and embeds.shape == (1, 8, 4) and mask.device.type == "meta"
 
 
-@pytest.mark.skipif(not HAS_BITSANDBYTES, reason="bitsandbytes is not installed (pip install 'llama3vision-min[quant]')")
+@pytest.mark.skipif(not HAS_BITSANDBYTES,
+                    reason="bitsandbytes is not installed (pip install 'llama3vision-min[quant]')")
 def test_real_model_in_4bit_on_a_cpu(fake_hub, tokenizer):
     model = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, load_in_4bit=True)
     assert model.text_model.is_quantized and model.device.type == "cpu"
@@ -480,7 +487,8 @@ def test_real_backend_runs_on_a_cpu(fake_hub):
     from llama3vision_min.tools.backend import load_backend
 
     backend = load_backend("real")
-    assert backend.name == "real" and "on the CPU" in backend.description and backend.model.device.type == "cpu"
+    assert (backend.name == "real" and "on the CPU" in backend.description
+            and backend.model.device.type == "cpu")
     assert not getattr(backend.model.text_model, "is_quantized", False)  # 4-bit only on a GPU, or when asked
 
 
@@ -497,7 +505,8 @@ def test_cli_alpha_form_answers_and_names_its_parts(fake_hub, capsys):
     assert _cli("ask", "--image", str(PHOTO), "what is this?", "--llm", OTHER_LLM, "--vision", REAL_VISION,
                 "--projector", REAL_PROJECTOR, "--dtype", "float32", "--device", "cpu", "--greedy",
                 "--max-new-tokens", "3") == 0
-    assert _cli("ask", "--image", str(PHOTO), "what is this?", "--model", REAL_HF, "--max-new-tokens", "3") == 0
+    assert _cli("ask", "--image", str(PHOTO), "what is this?", "--model", REAL_HF,
+                "--max-new-tokens", "3") == 0
 
 
 def test_cli_places_the_model_as_told(fake_hub):
@@ -533,7 +542,8 @@ def test_stage1_trial_runs_on_the_cpu_with_the_real_ids(fake_hub, tmp_path):
 
     data = Path(fake_hub) / "LLaVA-Pretrain"
     done = subprocess.run([sys.executable, "-m", "llama3vision_min.training.stage1",
-                           "--data", str(data / "blip_laion_cc_sbu_558k.json"), "--images", str(data / "images"),
+                           "--data", str(data / "blip_laion_cc_sbu_558k.json"),
+                           "--images", str(data / "images"),
                            "--out", str(tmp_path), "--max-steps", "2", "--per-device-batch", "4",
                            "--global-batch", "8", "--num-workers", "0"],
                           env=offline_env(fake_hub), capture_output=True, text=True, timeout=300)
@@ -543,7 +553,7 @@ def test_stage1_trial_runs_on_the_cpu_with_the_real_ids(fake_hub, tmp_path):
     assert projector.mm_hidden_size == 32 and projector.hidden_size == 64  # the fake SigLIP and Llama widths
 
 
-# -- the README's code on the real path (the notebooks: tests/repo/test_colab.py, from the wheel) -------------------
+# -- the README's code on the real path (the notebooks: tests/repo/test_colab.py, from the wheel) ------------
 def readme_real_blocks():
     """The README's Python blocks that load the real model (they name a qresearch repository)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)

@@ -172,7 +172,8 @@ def test_build_prompt_is_exactly_the_llama3_format(question):
     )
 
 
-@pytest.mark.parametrize("question", ["what is this?", "How many shapes are there?", "Please describe this image in detail."])
+@pytest.mark.parametrize("question", ["what is this?", "How many shapes are there?",
+                                      "Please describe this image in detail."])
 def test_build_prompt_matches_the_tokenizers_chat_template(tok, question):
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
