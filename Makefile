@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, answer a question about examples/two_green_stars.png
-#   make test   same setup, then the full test suite and the notebooks (strict nbval) on the
+#   make test   same setup, then ruff, the full test suite and the notebooks (strict nbval) on the
 #               newest transformers 5.x, the test suite again on transformers 4.57.x (.venv-tf4), and
 #               the Colab rehearsal (.venv-colab: the package from a wheel, each notebook alone)
 #
@@ -16,7 +16,7 @@ VENV := .venv
 VENV_TF4 := .venv-tf4
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tf5 test-tf4 test-colab test-llama-cpp llama-cpp test-online notebooks bench bench-llama-cpp mini clean
+.PHONY: demo test lint test-tf5 test-tf4 test-colab test-llama-cpp llama-cpp test-online notebooks bench bench-llama-cpp mini clean
 
 # Tests never contact the Hub (the online comparison has its own target); notebooks run offline.
 OFFLINE := HF_HUB_OFFLINE=1 LLAMA3VISION_BACKEND=auto
@@ -37,7 +37,11 @@ $(VENV_TF4)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m llama3vision_min ask --image examples/two_green_stars.png "what is this?" --greedy --max-new-tokens 16
 
-test: test-tf5 test-tf4 test-colab
+test: lint test-tf5 test-tf4 test-colab
+
+# ruff with the project's settings (pyproject.toml: pycodestyle and pyflakes, lines up to 110 characters).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 test-tf5: $(VENV)/.installed
 	$(VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"

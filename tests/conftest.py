@@ -104,7 +104,7 @@ def make_image(mode="RGB", size=(37, 23), seed=0):
     return image.convert(mode)
 
 
-# -- refusals: each asserted with its words (DEVELOPERS.md, "Fail loudly, lose nothing") ---------------------
+# -- refusals, each asserted with its words ("fail loudly, lose nothing") ------------------------------------
 def refused(call, *words, kind=ValueError):
     """``call()`` raises ``kind`` whose message holds every one of ``words``."""
     with pytest.raises(kind) as error:

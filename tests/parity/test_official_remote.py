@@ -31,7 +31,8 @@ import pytest
 import torch
 import transformers
 
-from llama3vision_min import LlamaVision, ProjectionModule, build_prompt, process_tensors, tokenizer_image_token
+from llama3vision_min import (LlamaVision, ProjectionModule, build_prompt, process_tensors,
+                              tokenizer_image_token)
 from llama3vision_min.generation import cut_at_stop, stop_token_ids
 from llama3vision_min.miniature.stand_ins import make_configs, tiny_tokenizer
 
@@ -67,13 +68,15 @@ def download_official_files():
 
     names = (CONFIG_FILE,) + CODE_FILES
     # Never from the local cache alone: this session's cache is private (conftest.py) and offline it holds the
-    # fake Hub (tests/fake_hub.py), whose -hf repository carries stand-ins for these files, not the official code.
+    # fake Hub (tests/fake_hub.py), whose -hf repository carries stand-ins for these files, not the official
+    # code.
     if not _hub_answers():
         pytest.skip(UNREACHABLE)
     try:
         return {name: hf_hub_download(REPO, name, etag_timeout=10) for name in names}
     except Exception as error:  # the Hub answered: not getting the files is a failure
-        pytest.fail(f"the Hub answers but the official files did not download: {type(error).__name__}: {error}")
+        pytest.fail("the Hub answers but the official files did not download: "
+                    f"{type(error).__name__}: {error}")
 
 
 def import_official_code(files, root):
@@ -82,7 +85,8 @@ def import_official_code(files, root):
     A file that does not import (e.g. code written for another transformers version) fails the
     test with the reason: the comparison must not look like a pass when it did not run.
     """
-    package = f"official_llamavision_{uuid.uuid4().hex[:8]}"  # a package, so relative imports in the files work
+    # a package, so relative imports in the files work
+    package = f"official_llamavision_{uuid.uuid4().hex[:8]}"
     (root / package).mkdir(parents=True)
     (root / package / "__init__.py").write_text("")
     for name in CODE_FILES:
@@ -119,7 +123,8 @@ def official(tmp_path_factory):
             candidates = [value for value in vars(modules["modeling_llamavision"]).values()
                           if isinstance(value, type) and issubclass(value, transformers.PreTrainedModel)
                           and hasattr(value, "answer_question")]
-            assert len(candidates) == 1, f"cannot tell the official model class: auto_map={auto_map}, {candidates}"
+            assert len(candidates) == 1, ("cannot tell the official model class: "
+                                          f"auto_map={auto_map}, {candidates}")
             model_class = candidates[0]
         config_ref = auto_map.get("AutoConfig")
         config_class = _class_from_auto_map(modules, config_ref) if config_ref else model_class.config_class
@@ -135,7 +140,8 @@ def _tiny_parts():
     from transformers import LlamaForCausalLM, SiglipVisionModel
 
     tokenizer = tiny_tokenizer()
-    vision_config, text_config = make_configs("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    vision_config, text_config = make_configs("tiny", vocab_size=len(tokenizer),
+                                              bos_token_id=tokenizer.bos_token_id,
                                               eos_token_id=tokenizer.eos_token_id)
     vision_config.image_size, vision_config.patch_size = 384, 14
     torch.manual_seed(0)
@@ -148,7 +154,8 @@ def _tiny_parts():
 def _official_config_dict(template, vision_config, text_config):
     """The official config.json with our tiny sub-configs in place of the real ones (same nesting)."""
     config = {key: value for key, value in template.items()
-              if key not in ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "quantization_config")}
+              if key not in ("torch_dtype", "dtype", "_name_or_path", "transformers_version",
+                             "quantization_config")}
     config["text_config"] = text_config.to_dict()
     vision = vision_config.to_dict()
     original_vision = template.get("vision_config")
@@ -183,7 +190,8 @@ def pair(official):
     model_class, config_class, config_json = official
     vision_model, text_model, projector = _tiny_parts()
     ours = LlamaVision(vision_model=vision_model, text_model=text_model, mm_projector=projector).eval()
-    config = config_class.from_dict(_official_config_dict(config_json, vision_model.config, text_model.config))
+    config = config_class.from_dict(_official_config_dict(config_json, vision_model.config,
+                                                          text_model.config))
     torch.manual_seed(1)
     try:
         theirs = model_class(config)
@@ -223,13 +231,15 @@ def test_weights_are_identical(pair):
             assert torch.equal(tensor, mine[_normalise(key)]), (part, key)
 
 
-@pytest.mark.parametrize("where", ["<image>what is this?", build_prompt("what is this?"), "a<image>b<image>c", "none"],
+@pytest.mark.parametrize("where", ["<image>what is this?", build_prompt("what is this?"), "a<image>b<image>c",
+                                   "none"],
                          ids=["start", "middle", "several", "none"])
 def test_token_split_matches_official(pair, where):
     _, theirs = pair
     tokenizer = tiny_tokenizer()
     official_ids = theirs.tokenizer_image_token(where, tokenizer, -200, return_tensors="pt")
-    assert tokenizer_image_token(where, tokenizer).tolist() == torch.as_tensor(official_ids).reshape(-1).tolist()
+    assert (tokenizer_image_token(where, tokenizer).tolist()
+            == torch.as_tensor(official_ids).reshape(-1).tolist())
 
 
 def test_splice_matches_official(pair):
@@ -258,7 +268,8 @@ def test_greedy_answers_match_official(pair, seed, size):
         return
     # Both stop on <|eot_id|> at least; cut both at the first end token so a wider stop list does not count.
     stops = stop_token_ids(our_tokenizer)
-    assert torch.equal(cut_at_stop(mine, stops), cut_at_stop(official.cpu(), stops)), (mine.tolist(), official.tolist())
+    assert torch.equal(cut_at_stop(mine, stops), cut_at_stop(official.cpu(), stops)), (mine.tolist(),
+                                                                                       official.tolist())
 
 
 def test_official_code_that_does_not_import_is_a_failure_not_a_skip(tmp_path):

@@ -14,7 +14,8 @@ import transformers
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llama3vision_min import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
-from llama3vision_min.tools.llava_export import _child  # finds LLaVA's sub-modules on transformers 4.57 and 5.x
+# finds LLaVA's sub-modules on transformers 4.57 and 5.x
+from llama3vision_min.tools.llava_export import _child
 from llama3vision_min.generation import stop_token_ids
 
 from conftest import make_image
@@ -124,20 +125,22 @@ def test_logits_match_llava(pair):
     assert ours.dtype == theirs.dtype == torch.float32
     diff = (ours - theirs).abs().max().item()
     MAX_LOGIT_DIFF[size] = diff
-    print(f"\n[llava parity] {size}: max |logit difference| = {diff:.3e} (transformers {transformers.__version__})")
+    print(f"\n[llava parity] {size}: max |logit difference| = {diff:.3e} "
+          f"(transformers {transformers.__version__})")
     assert diff <= LOGIT_TOLERANCE, f"{size}: max logit difference {diff:.3e} > {LOGIT_TOLERANCE}"
     # the tolerance is meaningful: the logits span a range far wider than it
     assert (ours.max() - ours.min()).item() > 1.0
 
 
 def test_logits_differ_from_llava_on_the_last_layer(pair):
-    """Negative control: features from the last layer (hidden_states[-1]) would be caught by the test above."""
+    """Negative control: features from the last layer (hidden_states[-1]) would be caught by the test
+    above."""
     _, model, tokenizer, llava, image_token_id = pair
     ids, llava_ids, pixel_values = _inputs(model, tokenizer, image_token_id)
     with torch.no_grad():
         ours = model(input_ids=ids.unsqueeze(0), pixel_values=pixel_values).logits
-        theirs = llava(input_ids=llava_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(llava_ids),
-                       vision_feature_layer=-1).logits
+        theirs = llava(input_ids=llava_ids, pixel_values=pixel_values,
+                       attention_mask=torch.ones_like(llava_ids), vision_feature_layer=-1).logits
     assert (ours - theirs).abs().max().item() > 100 * LOGIT_TOLERANCE
 
 
@@ -150,7 +153,8 @@ def test_greedy_tokens_match_llava(pair, mode):
     ours = model.answer_question(image, "what is this?", tokenizer, do_sample=False,
                                  max_new_tokens=16, min_new_tokens=16)
     with torch.no_grad():
-        out = llava.generate(input_ids=llava_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(llava_ids),
+        out = llava.generate(input_ids=llava_ids, pixel_values=pixel_values,
+                             attention_mask=torch.ones_like(llava_ids),
                              do_sample=False, max_new_tokens=16, min_new_tokens=16,
                              eos_token_id=stops, pad_token_id=stops[0])
     theirs = out[0, llava_ids.shape[1]:]

@@ -31,8 +31,8 @@ MODES = ["RGB", "RGBA", "L", "P", "CMYK", "I;16"]
 TF4 = int(transformers.__version__.split(".")[0]) < 5
 # transformers 4.x's SiglipImageProcessor guesses the channel axis of an (H, W, 3) array and takes H in (1, 3)
 # for channels-first: a picture 1 pixel high crashes (ValueError), one 3 pixels high is silently misread.
-# The original does not pass input_data_format="channels_last", so on 4.x it crashes on a 1-pixel-high picture;
-# the package passes it (see test_pictures_one_or_three_pixels_high_are_read_channels_last).
+# The original does not pass input_data_format="channels_last", so on 4.x it crashes on a 1-pixel-high
+# picture; the package passes it (see test_pictures_one_or_three_pixels_high_are_read_channels_last).
 CHANNELS_GUESS = "on transformers 4.x the original crashes on a 1-pixel-high picture (no input_data_format)"
 SIZES = [
     # strict: the reference side raises on 4.x; if it stops raising, this XPASSes and the mark must go.
@@ -109,7 +109,8 @@ def test_model_exposes_the_same_token_split(tiny):
 def test_splice_matches_reference(both_sizes, where):
     model, tokenizer = both_sizes
     embedding_layer = model.text_model.get_input_embeddings()
-    input_ids = ref.tokenizer_image_token(PROMPTS[where], tokenizer, return_tensors="pt").unsqueeze(0)  # (1, L)
+    input_ids = ref.tokenizer_image_token(PROMPTS[where], tokenizer,
+                                          return_tensors="pt").unsqueeze(0)  # (1, L)
     n_patches = (model.image_size // model.vision_model.config.patch_size) ** 2
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(1, n_patches, embedding_layer.embedding_dim, generator=generator)
@@ -136,10 +137,12 @@ def test_splice_of_real_image_features_matches_reference(both_sizes):
     model, tokenizer = both_sizes
     image = make_image("RGB", (37, 23), seed=5)
     embedding_layer = model.text_model.get_input_embeddings()
-    input_ids = ref.tokenizer_image_token(build_prompt("what is this?"), tokenizer, return_tensors="pt").unsqueeze(0)
+    input_ids = ref.tokenizer_image_token(build_prompt("what is this?"), tokenizer,
+                                          return_tensors="pt").unsqueeze(0)
     with torch.no_grad():
         pixel_values = model.processor(images=image.convert("RGB"), return_tensors="pt", do_resize=True,
-                                       size={"height": model.image_size, "width": model.image_size})["pixel_values"]
+                                       size={"height": model.image_size,
+                                             "width": model.image_size})["pixel_values"]
         features = model.vision_model(pixel_values, output_hidden_states=True).hidden_states[-2]
         ref_embeds, _ = ref.process_tensors(input_ids, model.mm_projector(features), embedding_layer)
         ours = splice_batch(input_ids, model.encode_images(model.preprocess([image])), embedding_layer)
@@ -152,7 +155,8 @@ def test_pictures_one_or_three_pixels_high_are_read_channels_last(tiny, size):
     """Not parity (the original has the flaw on 4.x): the pixels must be read as (H, W, C) whatever H is."""
     model, _ = tiny
     image = make_image("RGB", size, seed=1)
-    expected = model.processor(images=image, return_tensors="pt", do_resize=True, input_data_format="channels_last",
+    expected = model.processor(images=image, return_tensors="pt", do_resize=True,
+                               input_data_format="channels_last",
                                size={"height": model.image_size, "width": model.image_size})["pixel_values"]
     assert torch.equal(model.preprocess([image]), expected)
 
@@ -187,7 +191,8 @@ def test_16_bit_pictures_are_scaled_where_the_original_saturates_them():
 
 
 def test_greedy_answers_depend_on_the_image(tiny):
-    """Guards the parity above: the image reaches the answer, so matching answers mean matching image paths."""
+    """Guards the parity above: the image reaches the answer, so matching answers mean matching image
+    paths."""
     model, tokenizer = tiny
     answers = {tuple(model.answer_question(make_image("RGB", (37, 23), seed=seed), "what is this?", tokenizer,
                                            do_sample=False, max_new_tokens=12).tolist()) for seed in range(4)}
@@ -212,7 +217,8 @@ def test_default_answers_sample(tiny):
     answers = set()
     for seed in range(6):
         torch.manual_seed(seed)
-        answers.add(tuple(model.answer_question(image, "what is this?", tokenizer, max_new_tokens=12).tolist()))
+        answers.add(tuple(model.answer_question(image, "what is this?", tokenizer,
+                                                max_new_tokens=12).tolist()))
     assert len(answers) > 1
 
 
@@ -259,7 +265,8 @@ def test_tokenizer_is_left_alone(tiny):
 def test_projector_loader_matches_reference(tmp_path, dtype):
     mm_hidden, hidden = 24, 40
     generator = torch.Generator().manual_seed(7)
-    shapes = {"0.weight": (hidden, mm_hidden), "0.bias": (hidden,), "2.weight": (hidden, hidden), "2.bias": (hidden,)}
+    shapes = {"0.weight": (hidden, mm_hidden), "0.bias": (hidden,),
+              "2.weight": (hidden, hidden), "2.bias": (hidden,)}
     state = {f"model.mm_projector.{name}": torch.randn(shape, generator=generator).to(dtype)
              for name, shape in shapes.items()}
     path = tmp_path / "mm_projector.bin"
@@ -295,7 +302,8 @@ def test_original_follow_up_is_the_text_history_without_the_picture(tiny, monkey
     assert ids.shape == (4,)
     (kwargs,) = seen
     assert "inputs_embeds" not in kwargs and IMAGE_TOKEN_INDEX not in kwargs["input_ids"][0].tolist()
-    messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a red circle."},
+    messages = [{"role": "user", "content": "what is this?"},
+                {"role": "assistant", "content": "a red circle."},
                 {"role": "user", "content": "what colour?"}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(kwargs["input_ids"][0]) == rendered

@@ -17,7 +17,8 @@ import dataclasses
 import pytest
 import torch
 
-from llama3vision_min import IMAGE_TOKEN_INDEX, LlamaVision, build_prompt, process_tensors, tokenizer_image_token
+from llama3vision_min import (IMAGE_TOKEN_INDEX, LlamaVision, build_prompt, process_tensors,
+                              tokenizer_image_token)
 from llama3vision_min.image import vision_features
 from llama3vision_min.miniature.stand_ins import SIZES, random_parts
 
@@ -35,7 +36,8 @@ REAL = dataclasses.replace(SIZES["real"], vision_layers=27)  # the whole so400m 
 def real():
     vision_model, text_model, projector, tokenizer = random_parts(REAL, seed=0, dtype=DTYPE)
     model = LlamaVision(vision_model=vision_model, text_model=text_model, mm_projector=projector)
-    return model.requires_grad_(False), tokenizer  # the tiny tokenizer's ids are valid in a 128256-id vocabulary
+    # the tiny tokenizer's ids are valid in a 128256-id vocabulary
+    return model.requires_grad_(False), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def pixel_values(real):
 
 
 class Capture:
-    """Forward hook that keeps the last output of a module (the tower runs once per test module, not twice)."""
+    """Forward hook that keeps the last output of a module (the tower runs once per test module, not
+    twice)."""
 
     def __init__(self, module):
         self.output = None

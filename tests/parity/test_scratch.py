@@ -32,7 +32,8 @@ def _pair(name, tiny_dir, small_dir):
         (ours, tokenizer), (theirs, _) = load_mini(implementation="scratch"), load_mini()
         return theirs, ours, tokenizer
     folder = {"tiny": tiny_dir, "small": small_dir}[name]
-    return (LlamaVision.from_pretrained(folder), LlamaVision.from_pretrained(folder, implementation="scratch"),
+    return (LlamaVision.from_pretrained(folder),
+            LlamaVision.from_pretrained(folder, implementation="scratch"),
             load_tokenizer(folder))
 
 
@@ -57,7 +58,8 @@ def test_logits_are_equal(pair):
     theirs, ours, tokenizer = pair
     ids, pixels = _inputs(theirs, tokenizer)
     with torch.no_grad():
-        expected, got = theirs(input_ids=ids, pixel_values=pixels).logits, ours(input_ids=ids, pixel_values=pixels).logits
+        expected, got = (theirs(input_ids=ids, pixel_values=pixels).logits,
+                         ours(input_ids=ids, pixel_values=pixels).logits)
     difference = (got - expected).abs().max().item()
     print(f"\n[scratch parity] max |logit difference| = {difference:.2e} over {tuple(got.shape)}")
     assert got.shape == expected.shape and difference <= TOLERANCE
@@ -95,15 +97,16 @@ def test_every_layer_is_equal_one_by_one(pair):
         got = ours.vision_model(pixels, output_hidden_states=True).hidden_states
     assert len(got) == len(expected) == theirs.vision_model.config.num_hidden_layers + 1
     assert first_difference(expected, got) is None
-    embeds = torch.randn(1, 9, theirs.text_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, 9, theirs.text_model.config.hidden_size,
+                         generator=torch.Generator().manual_seed(0))
     expected, got = llm_layer_outputs(theirs.text_model, embeds), llm_layer_outputs(ours.text_model, embeds)
     assert len(got) == len(expected) == theirs.text_model.config.num_hidden_layers
     assert first_difference(expected, got) is None
 
 
 def test_attention_weights_and_hidden_states_are_returned_as_transformers_returns_them(pair):
-    """``output_attentions`` / ``output_hidden_states`` (what ``llama3vision_min.lens`` reads): our weights are
-    written out by hand, transformers' come from its eager attention."""
+    """``output_attentions`` / ``output_hidden_states`` (what ``llama3vision_min.lens`` reads): our
+    weights are written out by hand, transformers' come from its eager attention."""
     from llama3vision_min.lens.attention import eager_attention
 
     theirs, ours, tokenizer = pair
@@ -112,7 +115,8 @@ def test_attention_weights_and_hidden_states_are_returned_as_transformers_return
     outputs = []
     for model in (theirs, ours):
         with eager_attention(model.text_model), torch.no_grad():
-            outputs.append(model.text_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+            outputs.append(model.text_model(inputs_embeds=batch.inputs_embeds,
+                                            attention_mask=batch.attention_mask,
                                             output_attentions=True, output_hidden_states=True))
     expected, got = outputs
     layers = theirs.text_model.config.num_hidden_layers
@@ -127,8 +131,10 @@ def test_the_layer_comparison_names_the_first_layer_that_differs(tiny_dir, small
     theirs, ours, _ = _pair("small", tiny_dir, small_dir)
     with torch.no_grad():
         ours.text_model.model.layers[1].mlp.down_proj.weight.mul_(1.01)  # spoil layer 1 only
-    embeds = torch.randn(1, 9, theirs.text_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    assert first_difference(llm_layer_outputs(theirs.text_model, embeds), llm_layer_outputs(ours.text_model, embeds)) == 1
+    embeds = torch.randn(1, 9, theirs.text_model.config.hidden_size,
+                         generator=torch.Generator().manual_seed(0))
+    assert first_difference(llm_layer_outputs(theirs.text_model, embeds),
+                            llm_layer_outputs(ours.text_model, embeds)) == 1
 
 
 def test_greedy_answers_are_identical(pair):
@@ -156,12 +162,15 @@ def test_kv_cache_decoding_equals_decoding_without_it(pair):
     ids, pixels = _inputs(ours, tokenizer, seed=4)
     batch = ours.splice(ids, ours.encode_images(pixels))
     with torch.no_grad():
-        cached = ours.text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+        cached = ours.text_model.generate(inputs_embeds=batch.inputs_embeds,
+                                          attention_mask=batch.attention_mask,
                                           use_cache=True, pad_token_id=0, **settings)
-        uncached = ours.text_model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+        uncached = ours.text_model.generate(inputs_embeds=batch.inputs_embeds,
+                                            attention_mask=batch.attention_mask,
                                             use_cache=False, pad_token_id=0, **settings)
     assert torch.equal(cached.sequences, uncached.sequences)
-    for with_cache, without in zip(cached.scores, uncached.scores, strict=True):  # -inf where a token is barred
+    # -inf where a token is barred
+    for with_cache, without in zip(cached.scores, uncached.scores, strict=True):
         torch.testing.assert_close(with_cache, without, rtol=0, atol=TOLERANCE)
 
 
@@ -171,7 +180,8 @@ def test_batched_answers_equal_one_at_a_time(pair):
     questions = [QUESTION, "how many shapes are there? describe the picture.", "red?"]
     batched = ours.answer_questions(images, questions, tokenizer, do_sample=False, max_new_tokens=8)
     for image, question, row in zip(images, questions, batched):
-        assert torch.equal(row, ours.answer_question(image, question, tokenizer, do_sample=False, max_new_tokens=8))
+        assert torch.equal(row, ours.answer_question(image, question, tokenizer, do_sample=False,
+                                                     max_new_tokens=8))
 
 
 @pytest.mark.parametrize("reuse_cache", [False, True], ids=["re-run", "kept-cache"])
@@ -226,7 +236,8 @@ def test_the_export_of_a_scratch_model(pair):
     ids, pixels = _inputs(ours, tokenizer)
     pixels = ours.preprocess([image])
     with torch.no_grad():
-        difference = (llava(**inputs).logits - ours(input_ids=ids, pixel_values=pixels).logits).abs().max().item()
+        difference = (llava(**inputs).logits
+                      - ours(input_ids=ids, pixel_values=pixels).logits).abs().max().item()
     assert difference <= TOLERANCE
 
 
@@ -300,9 +311,10 @@ def test_the_scratch_forward_runs_over_4bit_projections(fake_hub):
     as its projections and computes what transformers' 4-bit model computes."""
     from llama3vision_min.tools.backend import REAL_LLM, REAL_PROJECTOR, REAL_VISION
 
-    theirs = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, load_in_4bit=True, dtype=torch.float32)
-    ours = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, load_in_4bit=True, dtype=torch.float32,
-                                  implementation="scratch")
+    theirs = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, load_in_4bit=True,
+                                    dtype=torch.float32)
+    ours = LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, load_in_4bit=True,
+                                  dtype=torch.float32, implementation="scratch")
     assert type(ours.text_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     tokenizer = load_tokenizer(REAL_LLM)
     ids, pixels = _inputs(theirs, tokenizer)

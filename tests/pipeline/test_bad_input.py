@@ -1,6 +1,6 @@
 """Bad and edge input at every door of the API: each refusal is tested here, once, with its words.
 
-The rule (DEVELOPERS.md, "Fail loudly, lose nothing"): a ``ValueError`` that names what was expected and
+The rule ("fail loudly, lose nothing"): a ``ValueError`` that names what was expected and
 what came; nothing executed, overwritten or silently wrong. Grouped by door: pictures, prompts, ids,
 generation settings, checkpoints (the projector file among them). Edge inputs that are valid (a 1 x 1
 picture, ``<image>`` typed in a question) assert what they give. The command lines and trainers:

@@ -12,7 +12,8 @@ repository beside it, and Colab's own kernel (ipykernel 5.5.6, IPython 7.34.0) m
    GitHub either): pip clones, builds the wheel and installs it, non-editable, as on Colab;
 3. the installed wheel holds every file of the package, and the photograph and miniature are readable;
 4. every notebook, copied alone into an empty folder, runs top to bottom in that kernel (two at a time): with
-   the real backend against the fake Hub (``tests/fake_hub.py``), and with ``auto`` (a CPU runtime: the miniature).
+   the real backend against the fake Hub (``tests/fake_hub.py``), and with ``auto`` (a CPU runtime: the
+   miniature).
 
 What it cannot show: a GPU, the real downloads, Colab's own front end (widgets render there, not here).
 """
@@ -32,8 +33,8 @@ import pytest
 from conftest import offline_env
 
 pytestmark = pytest.mark.skipif(os.environ.get("LLAMA3VISION_COLAB_REHEARSAL") != "1",
-                                reason="the Colab rehearsal runs in `make test-colab` (it builds a wheel and a "
-                                       "Colab-like environment)")
+                                reason="the Colab rehearsal runs in `make test-colab` (it builds a wheel "
+                                       "and a Colab-like environment)")
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -43,10 +44,11 @@ COLAB_PINS = ["ipykernel==5.5.6", "ipython==7.34.0", "tornado==6.3.3", "notebook
               "matplotlib==3.10.*", "anyio>=4.10"]
 """What a Colab runtime holds before any notebook runs: google-colab's kernel pins as users report them, its
 widgets and matplotlib, and anyio 4 (Colab ships httpx); jupyter-client and the rest as these resolve."""
-KERNEL_PACKAGES = {"ipykernel", "ipython", "tornado", "jupyter-client", "notebook", "nbval", "nbclient", "pyzmq",
-                   "prompt-toolkit", "traitlets", "jupyter-core"}
+KERNEL_PACKAGES = {"ipykernel", "ipython", "tornado", "jupyter-client", "notebook", "nbval", "nbclient",
+                   "pyzmq", "prompt-toolkit", "traitlets", "jupyter-core"}
 """Packages the setup cell must never install or replace (Colab warns that its runtime may crash)."""
-GOOGLE_COLAB = '"""Stand-in for Colab\'s google.colab (tests/repo/test_colab.py): importable, imported at kernel start."""\n'
+GOOGLE_COLAB = ('"""Stand-in for Colab\'s google.colab (tests/repo/test_colab.py): importable, imported at '
+                'kernel start."""\n')
 SETUP_REQUIREMENT = re.compile(r'f"(llama3vision-min\[[\w,-]+\]) @ git\+\{REPO_URL\}"')
 
 RESULTS = []  # (what, seconds, detail), printed under the test results (conftest.py)
@@ -54,7 +56,8 @@ RESULTS = []  # (what, seconds, detail), printed under the test results (conftes
 
 def _run(*command, **kwargs):
     done = subprocess.run([str(part) for part in command], capture_output=True, text=True, **kwargs)
-    assert done.returncode == 0, f"{' '.join(map(str, command))}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (f"{' '.join(map(str, command))}\n"
+                                  f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
@@ -68,7 +71,8 @@ def _repo_url():
 
 @pytest.fixture(scope="module")
 def colab_python():
-    """``.venv-colab``'s python: torch, Colab's kernel pins and a stand-in google.colab, imported at kernel start.
+    """``.venv-colab``'s python: torch, Colab's kernel pins and a stand-in google.colab, imported at kernel
+    start.
 
     Built once and kept between local runs (CI starts without it); the package is removed before each run.
     """
@@ -85,15 +89,18 @@ def colab_python():
         (site / "google" / "colab" / "__init__.py").write_text(GOOGLE_COLAB)
         startup = VENV / "ipython" / "profile_default" / "startup"
         startup.mkdir(parents=True, exist_ok=True)
-        (startup / "00-google-colab.py").write_text("import google.colab  # as Colab's kernel does at start\n")
+        (startup / "00-google-colab.py").write_text(
+            "import google.colab  # as Colab's kernel does at start\n")
         kernel = VENV / "jupyter" / "kernels" / "colab-stand-in"
         kernel.mkdir(parents=True, exist_ok=True)
         (kernel / "kernel.json").write_text(json.dumps({
             "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Colab stand-in", "language": "python"}))
         stamp.write_text(wanted)
-        RESULTS.append(("Colab-like environment built", time.perf_counter() - start, " ".join(COLAB_PINS[:2])))
-    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "llama3vision-min"], capture_output=True)
+        RESULTS.append(("Colab-like environment built", time.perf_counter() - start,
+                        " ".join(COLAB_PINS[:2])))
+    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "llama3vision-min"],
+                   capture_output=True)
     return python
 
 
@@ -113,8 +120,10 @@ def github_env(clone):
 
 
 def _kernel_env(fake_hub, backend, home):
-    """What the stand-in kernel sees: a fresh machine's HOME and caches, the fake Hub, no checkout on the path."""
-    env = offline_env(fake_hub, LLAMA3VISION_BACKEND=backend, LLAVA_PRETRAIN=str(Path(fake_hub) / "LLaVA-Pretrain"),
+    """What the stand-in kernel sees: a fresh machine's HOME and caches, the fake Hub, no checkout on the
+    path."""
+    env = offline_env(fake_hub, LLAMA3VISION_BACKEND=backend,
+                      LLAVA_PRETRAIN=str(Path(fake_hub) / "LLaVA-Pretrain"),
                       IPYTHONDIR=str(VENV / "ipython"), HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
     for variable in ("PYTHONPATH", "VIRTUAL_ENV", "MPLBACKEND", "LLAMA3VISION_COLAB_REHEARSAL"):
         env.pop(variable, None)
@@ -139,11 +148,13 @@ def _site_size(python):
 
 @pytest.fixture(scope="module")
 def installed(colab_python, github_env, fake_hub, tmp_path_factory):
-    """The setup cell's requirement resolved with a dry run, then the setup cell run in the stand-in kernel."""
+    """The setup cell's requirement resolved with a dry run, then the setup cell run in the stand-in
+    kernel."""
     requirement = SETUP_REQUIREMENT.search(_setup_cell()).group(1) + f" @ git+{_repo_url()}"
     report = tmp_path_factory.mktemp("dry-run") / "report.json"
     env = {**os.environ, **github_env}
-    _run(colab_python, "-m", "pip", "install", "--quiet", "--dry-run", "--report", report, requirement, env=env)
+    _run(colab_python, "-m", "pip", "install", "--quiet", "--dry-run", "--report", report, requirement,
+         env=env)
     dry_run = json.loads(report.read_text())
 
     before, kernel_before = _site_size(colab_python), _kernel_versions(colab_python)
@@ -160,11 +171,15 @@ def test_the_setup_cell_replaces_none_of_colabs_kernel_packages(installed, colab
     installs = {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
                 for item in installed["dry_run"]["install"]}
     assert "llama3vision-min" in installs
-    assert not KERNEL_PACKAGES & set(installs), f"the setup cell would replace {KERNEL_PACKAGES & set(installs)}"
+    assert not KERNEL_PACKAGES & set(installs), ("the setup cell would replace "
+                                                 f"{KERNEL_PACKAGES & set(installs)}")
     assert {"bitsandbytes", "llama-models", "matplotlib"} <= set(_installed(colab_python))  # the colab extra
-    assert installed["kernel_after"] == installed["kernel_before"]  # nothing of the kernel changed, nothing added
-    assert (installed["kernel_after"]["ipykernel"], installed["kernel_after"]["ipython"]) == ("5.5.6", "7.34.0")
-    assert "llama3vision-min[colab]" in "".join(output.get("text", "") for output in installed["setup_output"])
+    # nothing of the kernel changed, nothing added
+    assert installed["kernel_after"] == installed["kernel_before"]
+    assert (installed["kernel_after"]["ipykernel"],
+            installed["kernel_after"]["ipython"]) == ("5.5.6", "7.34.0")
+    assert "llama3vision-min[colab]" in "".join(output.get("text", "")
+                                                for output in installed["setup_output"])
 
 
 def _installed(python):
@@ -182,7 +197,8 @@ def test_the_wheel_holds_every_file_of_the_package_and_is_not_editable(installed
              "from llama3vision_min.miniature import CHECKPOINT_DIR\n"
              "d = m.distribution('llama3vision-min')\n"
              "print(json.dumps({'files': [str(f) for f in d.files], 'module': p.__file__,\n"
-             "                  'photo': PHOTO.is_file(), 'mini': (CHECKPOINT_DIR / 'model.safetensors').is_file(),\n"
+             "                  'photo': PHOTO.is_file(), "
+             "'mini': (CHECKPOINT_DIR / 'model.safetensors').is_file(),\n"
              "                  'direct_url': json.loads(d.read_text('direct_url.json'))}))\n")
     found = json.loads(_run(colab_python, "-c", probe, cwd=clone.parent))
     wanted = {str(path.relative_to(clone)) for path in (clone / "llama3vision_min").rglob("*")
@@ -201,7 +217,8 @@ about two thirds of the time it takes one after another (kernel start-up and imp
 
 
 def _run_alone(path, backend, fake_hub, home):
-    """Copy ``path`` alone into an empty folder and run it, with a probe cell at the end: (notebook, seconds)."""
+    """Copy ``path`` alone into an empty folder and run it, with a probe cell at the end: (notebook,
+    seconds)."""
     folder = home / "content"  # Colab's working folder: nothing of the repository beside the notebook
     folder.mkdir(parents=True)
     shutil.copy(path, folder / path.name)
@@ -209,13 +226,15 @@ def _run_alone(path, backend, fake_hub, home):
     notebook.cells.append(nbformat.v4.new_code_cell(
         "import IPython, llama3vision_min, sys\n"
         "print('probe:', llama3vision_min.__file__, IPython.__version__, 'google.colab' in sys.modules)"))
-    env = {**_kernel_env(fake_hub, backend, home), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // AT_ONCE))}
+    env = {**_kernel_env(fake_hub, backend, home),
+           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // AT_ONCE))}
     return notebook, _execute(notebook, folder, env)
 
 
 @pytest.fixture(scope="module")
 def runs(installed, fake_hub, tmp_path_factory):
-    """Every notebook on both backends: ``{(stem, backend): (notebook, seconds) or the exception it raised}``."""
+    """Every notebook on both backends:
+    ``{(stem, backend): (notebook, seconds) or the exception it raised}``."""
     from concurrent.futures import ThreadPoolExecutor
 
     def attempt(job):
@@ -246,4 +265,5 @@ def test_each_notebook_runs_alone_from_the_wheel_in_colabs_kernel(runs, path, ba
     probe = text[-1]
     assert f"{VENV}/lib" in probe and "site-packages" in probe and " 7.34.0 True" in probe, probe
     expected = "backend: real" if backend == "real" else "backend: mini"
-    assert path.stem.startswith("02") or any(expected in chunk for chunk in text), f"{path.name}: no '{expected}'"
+    assert (path.stem.startswith("02")
+            or any(expected in chunk for chunk in text)), f"{path.name}: no '{expected}'"

@@ -56,7 +56,8 @@ def test_the_readme_is_short_and_starts_with_the_two_commands_and_the_original()
         assert needle in first_screen, needle
 
 
-@pytest.mark.parametrize("document", ["README.md", "notebooks/README.md", "llama3vision_min/miniature/checkpoint/README.md"])
+@pytest.mark.parametrize("document", ["README.md", "notebooks/README.md",
+                                      "llama3vision_min/miniature/checkpoint/README.md"])
 def test_relative_links_point_at_files_that_exist(document):
     path = ROOT / document
     targets = re.findall(r"\]\(([^)#\s]+)\)", path.read_text())
@@ -80,8 +81,10 @@ def test_the_original_sits_at_the_front_door_and_imports_nothing_of_ours():
 
 
 def test_no_module_of_the_package_reaches_into_tests_or_benchmarks():
-    pattern = re.compile(r"reference_original|from tests|import tests|[\"']tests[\"']|from benchmarks|import bench\b")
-    offenders = [str(path.relative_to(ROOT)) for path in package_modules() if pattern.search(path.read_text())]
+    pattern = re.compile(r"reference_original|from tests|import tests|[\"']tests[\"']|"
+                         r"from benchmarks|import bench\b")
+    offenders = [str(path.relative_to(ROOT)) for path in package_modules()
+                 if pattern.search(path.read_text())]
     assert not offenders, offenders
 
 
@@ -96,12 +99,14 @@ def _docstring_nodes(tree):
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list):  # a string statement anywhere in a body is documentation, not code
-            nodes |= {id(stmt.value) for stmt in body if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)}
+            nodes |= {id(stmt.value) for stmt in body
+                      if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)}
     return nodes
 
 
 def test_the_shared_literals_are_named_once():
-    """-200, -100 and "<|eot_id|>" appear in the package's code only in constants.py (comments and docstrings aside)."""
+    """-200, -100 and "<|eot_id|>" appear in the package's code only in constants.py (comments and
+    docstrings aside)."""
     found = []
     for path in package_modules():
         if path.name == "constants.py":

@@ -14,7 +14,8 @@ EXEMPT_TAGS = ("nbval-skip", "nbval-ignore-output")
 
 
 def repository_url():
-    match = re.search(r"^Repository: (https://github\.com/([\w.-]+/[\w.-]+))\s*$", (ROOT / "README.md").read_text(), re.M)
+    match = re.search(r"^Repository: (https://github\.com/([\w.-]+/[\w.-]+))\s*$",
+                      (ROOT / "README.md").read_text(), re.M)
     assert match, "README.md must hold one line 'Repository: https://github.com/OWNER/NAME'"
     return match.group(1), match.group(2)
 
@@ -41,7 +42,8 @@ def test_committed_executed(notebook):
     path, nb = notebook
     counts = [cell.execution_count for cell in code_cells(nb)]
     assert all(count is not None for count in counts), f"{path.name}: some code cells were never executed"
-    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: cells were not run once, top to bottom: {counts}"
+    assert counts == list(range(1, len(counts) + 1)), (f"{path.name}: cells were not run once, "
+                                                       f"top to bottom: {counts}")
     errors = [o for cell in code_cells(nb) for o in cell.outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: stored outputs contain an error: {errors[0].get('ename')}"
 
@@ -59,7 +61,8 @@ def test_setup_cell_is_the_same_everywhere_and_names_this_repository(notebook):
     path, nb = notebook
     url, _ = repository_url()
     setup = code_cells(nb)[0].source
-    assert url in setup and "google.colab" in setup, f"{path.name}: the first code cell must be the setup cell"
+    assert url in setup and "google.colab" in setup, (f"{path.name}: the first code cell must be the "
+                                                      "setup cell")
     reference = code_cells(nbformat.read(NOTEBOOKS[0], as_version=4))[0].source
     assert setup == reference, f"{path.name}: setup cell differs from {NOTEBOOKS[0].name}'s"
 
@@ -70,10 +73,12 @@ def test_backend_cell_is_overridable_by_one_variable_and_names_its_parts(noteboo
     path, nb = notebook
     cell = code_cells(nb)[1].source
     if path.name.startswith("02"):
-        assert "llama3_tokenizer()" in cell and "load_backend" not in "\n".join(c.source for c in code_cells(nb))
+        assert ("llama3_tokenizer()" in cell
+                and "load_backend" not in "\n".join(c.source for c in code_cells(nb)))
         return
     assert "LLAMA3VISION_BACKEND" in cell and re.search(r"load_backend\(parts=\(.*\)\)", cell), path.name
-    assert "print(backend.report())" in cell, f"{path.name}: the backend cell must say why it chose its backend"
+    assert "print(backend.report())" in cell, (f"{path.name}: the backend cell must say why it chose "
+                                               "its backend")
 
 
 def test_the_setup_cell_installs_the_colab_extra_and_no_kernel_package():
@@ -86,7 +91,8 @@ def test_the_setup_cell_installs_the_colab_extra_and_no_kernel_package():
 
 
 def test_the_first_cell_says_what_the_real_path_costs_before_it_starts(notebook):
-    """Which runtime, what the real path downloads and how long, the GPU memory, and that no token is asked."""
+    """Which runtime, what the real path downloads and how long, the GPU memory, and that no token is
+    asked."""
     path, nb = notebook
     first = nb.cells[0].source
     assert "**Runtime and cost.**" in first and "token or licence is asked" in first, path.name
@@ -94,7 +100,8 @@ def test_the_first_cell_says_what_the_real_path_costs_before_it_starts(notebook)
         assert "downloads nothing" in first and "CPU is enough" in first
         return
     assert "T4 GPU" in first and re.search(r"\d+ GB", first) and "minute" in first, path.name
-    assert re.search(r"(GB of GPU memory|GB of the T4)", first), f"{path.name}: say how much GPU memory it needs"
+    assert re.search(r"(GB of GPU memory|GB of the T4)", first), (f"{path.name}: say how much GPU memory "
+                                                                  "it needs")
 
 
 def test_at_most_a_quarter_of_code_cells_are_exempt_from_comparison(notebook):
@@ -129,7 +136,8 @@ def test_no_code_line_is_over_100_characters(notebook):
 
 
 def test_at_most_five_teaching_cells_over_15_lines_in_all():
-    """A cell that teaches shows one idea: over 15 lines only where the idea needs it (setup and backend aside)."""
+    """A cell that teaches shows one idea: over 15 lines only where the idea needs it (setup and backend
+    aside)."""
     long = [(path.name, i, len(cell.source.strip().splitlines())) for path in NOTEBOOKS
             for i, cell in enumerate(code_cells(nbformat.read(path, as_version=4)))
             if i >= 2 and len(cell.source.strip().splitlines()) > 15]
@@ -152,4 +160,5 @@ def test_each_notebook_ends_with_exercises_that_check_themselves(notebook):
     assert 2 <= len(solutions) <= 3, f"{path.name}: {len(solutions)} solution cells after '## Exercises'"
     for cell in solutions:
         assert re.search(r"^\s*assert ", cell.source, re.M), f"{path.name}: a solution without an assert"
-        assert cell.source.lstrip().startswith("# Solution"), f"{path.name}: solutions start with '# Solution'"
+        assert cell.source.lstrip().startswith("# Solution"), (f"{path.name}: solutions start with "
+                                                               "'# Solution'")

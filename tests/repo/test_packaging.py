@@ -25,7 +25,8 @@ def test_environment_yml_lists_exactly_the_pyproject_requirements():
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
     listed = {_normalise(r) for r in pip_section if not r.startswith("-e")}
-    assert listed == wanted, f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
+    assert listed == wanted, (f"only in environment.yml: {listed - wanted}; "
+                              f"only in pyproject: {wanted - listed}")
     assert "-e ." in pip_section, "environment.yml must install the package itself"
 
 
@@ -43,7 +44,8 @@ def test_supported_transformers_range_covers_both_tested_versions():
     spec = next(r for r in _pyproject()["project"]["dependencies"] if r.startswith("transformers"))
     allowed = SpecifierSet(spec.removeprefix("transformers"))
     makefile = (ROOT / "Makefile").read_text()
-    old = next(line.split("==")[1].strip() for line in makefile.splitlines() if line.startswith("TRANSFORMERS_4"))
+    old = next(line.split("==")[1].strip() for line in makefile.splitlines()
+               if line.startswith("TRANSFORMERS_4"))
     assert old in allowed and "5.0.0" in allowed and "6.0.0" not in allowed
 
 

@@ -50,7 +50,8 @@ def test_hub_offline_variable_answers_false_without_network(monkeypatch):
     import urllib.request
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
     assert backend.hub_answers() is False
 
 
@@ -81,7 +82,8 @@ def test_the_report_says_why_which_gpu_and_how_to_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (14.5 * 2**30, 15 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla T4")
-    real = backend.Backend("real", None, None, "Llama 3", "auto: a GPU and the Hugging Face Hub are both here")
+    real = backend.Backend("real", None, None, "Llama 3",
+                           "auto: a GPU and the Hugging Face Hub are both here")
     assert "GPU: Tesla T4, 14.5 GiB free of 15.0 GiB" in real.report().splitlines()
     assert real.report().endswith(backend.HOW_TO_GET_THE_MINIATURE)
 
@@ -97,7 +99,8 @@ def test_a_notebook_gets_only_the_parts_it_asks_for():
     assert "no LLM" in vision.description and "nothing loaded" in nothing.description
     pixels = whole.model.preprocess([sample(0)[0]])
     assert torch.equal(vision.model.encode_images(pixels), whole.model.encode_images(pixels))
-    with pytest.raises(ValueError, match=r"parts must be \('vision', 'llm'\), \('vision',\) or \(\), got \('llm',\)"):
+    with pytest.raises(ValueError,
+                       match=r"parts must be \('vision', 'llm'\), \('vision',\) or \(\), got \('llm',\)"):
         backend.load_backend("tiny", parts=("llm",))
 
 
@@ -119,4 +122,5 @@ def test_real_vision_alone_reads_no_llm(fake_hub, monkeypatch):
     loaded = backend.load_backend("real", parts=("vision",))
     assert loaded.model.text_model is None and loaded.tokenizer is None
     assert set(asked) == {backend.REAL_PROJECTOR}
-    assert loaded.model.encode_images(loaded.model.preprocess([Image.open(backend.PHOTO)])).shape[:2] == (1, 16)
+    assert loaded.model.encode_images(
+        loaded.model.preprocess([Image.open(backend.PHOTO)])).shape[:2] == (1, 16)

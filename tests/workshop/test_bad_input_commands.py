@@ -1,6 +1,7 @@
 """Bad and edge input at the workshop's doors: the command lines (``ask``, ``export``, the miniature's) and
 the trainers. A refusal is exactly one ``error:`` line and exit status 1 (usage errors as argparse reports
-them: exit status 2); nothing is overwritten or half-written. The API's doors: ``tests/pipeline/test_bad_input.py``.
+them: exit status 2); nothing is overwritten or half-written. The API's doors:
+``tests/pipeline/test_bad_input.py``.
 """
 
 import json
@@ -60,14 +61,16 @@ def test_cli_reads_a_photo_the_way_it_is_shown(ask, tiny, tmp_path):
     exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to show"
     upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "photo.png", exif=exif.tobytes())
     code, captured = ask(tmp_path / "photo.png")
-    expected = tokenizer.decode(model.answer_question(upright, Q, tokenizer, do_sample=False, max_new_tokens=3),
+    expected = tokenizer.decode(model.answer_question(upright, Q, tokenizer, do_sample=False,
+                                                      max_new_tokens=3),
                                 skip_special_tokens=True).strip()
     assert code == 0 and captured.out.strip() == expected
 
 
 @pytest.mark.parametrize("spoil, words", [
     (lambda f: (f / "config.json").write_text("[]"), ["could not load model", "must hold a JSON object"]),
-    (lambda f: (shard_checkpoint(f), (f / "model.safetensors.index.json").write_text("{}")), ["must hold a 'weight_map'"]),
+    (lambda f: (shard_checkpoint(f), (f / "model.safetensors.index.json").write_text("{}")),
+     ["must hold a 'weight_map'"]),
     (lambda f: spoil_config(f, lambda c: c["text_config"].update(num_hidden_layers=10**7)),
      ["num_hidden_layers = 10000000"]),
 ], ids=["config-list", "index-without-map", "absurd-layers"])
@@ -189,8 +192,8 @@ def _write(path, entries):
     (lambda e: e[2].update(image=7), ["example 2", "picture path", "7"]),
     (lambda e: e[2].update(image="missing.png"), ["example 2", "'missing.png' not found"]),
     (lambda e: e.clear(), ["holds no examples"]),
-], ids=["string-entry", "no-conversations", "conversation-text", "roles-swapped", "value-none", "path-escapes",
-        "absolute-path", "path-number", "missing-picture", "no-examples"])
+], ids=["string-entry", "no-conversations", "conversation-text", "roles-swapped", "value-none",
+        "path-escapes", "absolute-path", "path-number", "missing-picture", "no-examples"])
 def test_every_entry_of_the_data_file_is_checked_up_front(pretrain, spoil, words):
     from llama3vision_min.training.data import LlavaPretrain
 
@@ -220,7 +223,8 @@ def stage1(pretrain, capfd):
     _write(data, entries)
 
     def run(*argv, out):
-        return main(["--data", str(data), "--images", str(images), "--out", str(out), *argv]), capfd.readouterr()
+        return (main(["--data", str(data), "--images", str(images), "--out", str(out), *argv]),
+                capfd.readouterr())
     return run
 
 

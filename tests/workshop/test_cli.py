@@ -34,8 +34,9 @@ def files(tiny_dir, tmp_path_factory):
     shutil.copytree(tiny_dir, bad_weights)
     weights = bad_weights / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
-    return {"root": root, "picture": picture, "fake": fake, "no_config": no_config, "bad_weights": bad_weights,
-            "missing_model": root / "no-such-model", "missing_image": root / "no-such-picture.png"}
+    return {"root": root, "picture": picture, "fake": fake, "no_config": no_config,
+            "bad_weights": bad_weights, "missing_model": root / "no-such-model",
+            "missing_image": root / "no-such-picture.png"}
 
 
 def _arguments(case, files, tiny_dir):
@@ -46,10 +47,12 @@ def _arguments(case, files, tiny_dir):
         "answer": ["ask", "--image", picture, QUESTION, *greedy, "--model", model],
         "missing_image": ["ask", "--image", str(files["missing_image"]), QUESTION, *greedy, "--model", model],
         "not_an_image": ["ask", "--image", str(files["fake"]), QUESTION, *greedy, "--model", model],
-        "missing_model": ["ask", "--image", picture, QUESTION, *greedy, "--model", str(files["missing_model"])],
+        "missing_model": ["ask", "--image", picture, QUESTION, *greedy, "--model",
+                          str(files["missing_model"])],
         "no_config": ["ask", "--image", picture, QUESTION, *greedy, "--model", str(files["no_config"])],
         "bad_weights": ["ask", "--image", picture, QUESTION, *greedy, "--model", str(files["bad_weights"])],
-        "zero_tokens": ["ask", "--image", picture, QUESTION, "--greedy", "--max-new-tokens", "0", "--model", model],
+        "zero_tokens": ["ask", "--image", picture, QUESTION, "--greedy", "--max-new-tokens", "0",
+                        "--model", model],
         "no_arguments": [],
     }[case]
 
@@ -99,7 +102,8 @@ def test_ask_prints_the_greedy_answer_of_the_model(runs, files, tiny):
     assert "Traceback" not in result.stderr
 
     with Image.open(files["picture"]) as image:
-        ids = model.answer_question(image.copy(), QUESTION, tokenizer, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+        ids = model.answer_question(image.copy(), QUESTION, tokenizer, do_sample=False,
+                                    max_new_tokens=MAX_NEW_TOKENS)
     assert 0 < len(ids) <= MAX_NEW_TOKENS
     expected = tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert expected, "the tiny model's greedy answer is empty: the comparison would prove little"
@@ -142,7 +146,8 @@ def test_zero_new_tokens_is_a_usage_error_as_argparse_reports_it(files, tiny_dir
     with pytest.raises(SystemExit) as stop:
         main(_arguments("zero_tokens", files, tiny_dir))
     err = capfd.readouterr().err
-    assert stop.value.code == 2 and err.startswith("usage:") and "--max-new-tokens: must be at least 1, got 0" in err
+    assert (stop.value.code == 2 and err.startswith("usage:")
+            and "--max-new-tokens: must be at least 1, got 0" in err)
 
 
 def test_no_arguments_is_an_argparse_usage_error(runs):

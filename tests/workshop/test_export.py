@@ -1,4 +1,5 @@
-"""Export to transformers' native LLaVA format: parity with ``LlamaVision``, vLLM key names, no resized vocabulary.
+"""Export to transformers' native LLaVA format: parity with ``LlamaVision``, vLLM key names, no resized
+vocabulary.
 
 The exported folders are loaded in a *separate Python process* where importing
 ``llama3vision_min`` is impossible (``sys.modules["llama3vision_min"] = None``), purely with
@@ -112,9 +113,11 @@ def exported(tiny, small, tmp_path_factory):
     cases, jobs = {}, []
     for name, (model, tokenizer) in _models(tiny, small).items():
         for vllm_names in (False, True):
-            folder = export_llava(model, tokenizer, root / f"{name}-vllm{int(vllm_names)}", vllm_names=vllm_names)
+            folder = export_llava(model, tokenizer, root / f"{name}-vllm{int(vllm_names)}",
+                                  vllm_names=vllm_names)
             cases[(name, vllm_names)] = (model, tokenizer, folder)
-            jobs.append({"dir": str(folder), "image": str(image_file), "question": QUESTION, "n_tokens": N_TOKENS})
+            jobs.append({"dir": str(folder), "image": str(image_file), "question": QUESTION,
+                         "n_tokens": N_TOKENS})
     results = load_in_subprocess(jobs, root / "results.pt", cwd=root)
     return cases, results, image_file, jobs
 
@@ -151,14 +154,17 @@ def test_exported_model_matches_llamavision(exported):
         label = f"{name} (vllm_names={vllm_names})"
         theirs = results[str(folder)]
         assert not theirs["project_imported"]
-        assert theirs["model_class"] == "LlavaForConditionalGeneration" and theirs["processor_class"] == "LlavaProcessor"
+        assert (theirs["model_class"] == "LlavaForConditionalGeneration"
+                and theirs["processor_class"] == "LlavaProcessor")
         expanded, pixel_values, logits, natural, forced = _ours(model, tokenizer, image_file)
 
-        assert theirs["text"] == tokenizer.bos_token + build_prompt(QUESTION).replace("<image>", IMAGE_TOKEN), label
+        assert (theirs["text"]
+                == tokenizer.bos_token + build_prompt(QUESTION).replace("<image>", IMAGE_TOKEN)), label
         assert torch.equal(theirs["input_ids"], expanded), label
         assert torch.equal(theirs["pixel_values"], pixel_values), label
 
-        assert theirs["logits"].shape == logits.shape and theirs["logits"].dtype == logits.dtype == torch.float32
+        assert (theirs["logits"].shape == logits.shape
+                and theirs["logits"].dtype == logits.dtype == torch.float32)
         diff = (theirs["logits"] - logits).abs().max().item()
         print(f"\n[export parity] {label}: max |logit difference| = {diff:.3e}")
         assert diff <= LOGIT_TOLERANCE, f"{label}: max logit difference {diff:.3e}"
@@ -169,7 +175,8 @@ def test_exported_model_matches_llamavision(exported):
         # the model cards' way (template text, then the processor with its special tokens): still one BOS
         assert torch.equal(theirs["card_input_ids"], expanded), (label, theirs["card_input_ids"][:3].tolist())
         assert torch.equal(theirs["card_natural"], natural), label
-        assert len(forced) == N_TOKENS and torch.equal(theirs["forced"], forced), (label, theirs["forced"].tolist(),
+        assert len(forced) == N_TOKENS and torch.equal(theirs["forced"], forced), (label,
+                                                                                   theirs["forced"].tolist(),
                                                                                    forced.tolist())
 
 
@@ -179,10 +186,12 @@ def test_image_token_is_an_existing_reserved_token(exported):
         config = json.loads((folder / "config.json").read_text())
         vocab_size = model.text_model.get_input_embeddings().weight.shape[0]
         token_id = config["image_token_index"]
-        assert token_id == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == results[str(folder)]["image_token_id"]
+        assert (token_id == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+                == results[str(folder)]["image_token_id"])
         assert token_id in tokenizer.all_special_ids or IMAGE_TOKEN in tokenizer.get_added_vocab()
         assert 0 <= token_id < vocab_size and token_id != tokenizer.unk_token_id
-        # not resized: the exported embedding matrix has exactly the rows of ours, and the vocabulary is unchanged
+        # not resized: the exported embedding matrix has exactly the rows of ours, and the vocabulary is
+        # unchanged
         assert results[str(folder)]["n_embeddings"] == vocab_size == config["text_config"]["vocab_size"]
         assert len(json.loads((folder / "tokenizer.json").read_text())["added_tokens"]) == \
             len(tokenizer.get_added_vocab())
@@ -191,7 +200,8 @@ def test_image_token_is_an_existing_reserved_token(exported):
         assert config["projector_hidden_act"] == "gelu" and config["multimodal_projector_bias"] is True
         assert config["image_seq_length"] == n_patches(model)
         processor = json.loads((folder / "processor_config.json").read_text())
-        assert processor["num_additional_image_tokens"] == 0 and processor["vision_feature_select_strategy"] == "full"
+        assert (processor["num_additional_image_tokens"] == 0
+                and processor["vision_feature_select_strategy"] == "full")
         assert processor["patch_size"] == model.vision_model.config.patch_size
         assert processor["image_token"] == IMAGE_TOKEN
 
@@ -219,20 +229,26 @@ def test_vllm_key_names(exported):
         assert all(k.startswith("vision_tower.vision_model.") for k in vision)
         assert "vision_tower.vision_model.embeddings.patch_embedding.weight" in vision
         assert "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in vision
-        assert set(projector) == {f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+        assert set(projector) == {f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2)
+                                  for p in ("weight", "bias")}
         assert all(k.startswith(("language_model.model.", "language_model.lm_head.")) for k in language)
-        assert "language_model.model.embed_tokens.weight" in language and "language_model.lm_head.weight" in language
+        assert ("language_model.model.embed_tokens.weight" in language
+                and "language_model.lm_head.weight" in language)
         assert "language_model.model.layers.0.self_attn.q_proj.weight" in language
-        assert not any(k.startswith(("model.", "lm_head.")) for k in state)  # transformers 5.x in-memory names
+        # transformers 5.x in-memory names
+        assert not any(k.startswith(("model.", "lm_head.")) for k in state)
 
         # every tensor is ours, under its new name
-        assert torch.equal(projector["multi_modal_projector.linear_1.weight"], model.mm_projector.model[0].weight)
+        assert torch.equal(projector["multi_modal_projector.linear_1.weight"],
+                           model.mm_projector.model[0].weight)
         assert torch.equal(projector["multi_modal_projector.linear_2.bias"], model.mm_projector.model[2].bias)
-        assert torch.equal(state["language_model.lm_head.weight"], model.text_model.get_output_embeddings().weight)
+        assert torch.equal(state["language_model.lm_head.weight"],
+                           model.text_model.get_output_embeddings().weight)
         for key, tensor in model.text_model.get_decoder().state_dict().items():
             assert torch.equal(state["language_model.model." + key], tensor), key
         for key, tensor in model.vision_model.state_dict().items():
-            assert torch.equal(state["vision_tower.vision_model." + key.removeprefix("vision_model.")], tensor), key
+            assert torch.equal(state["vision_tower.vision_model." + key.removeprefix("vision_model.")],
+                               tensor), key
         n_ours = sum(len(m.state_dict()) for m in (model.vision_model, model.mm_projector, model.text_model))
         assert len(state) == n_ours
 
@@ -269,7 +285,8 @@ def _other_environments():
 
 @pytest.mark.parametrize("python", _other_environments() or [None], ids=lambda p: p and p.parent.parent.name)
 def test_vllm_export_loads_in_the_other_transformers_major(exported, python, tmp_path):
-    """An export written with vLLM's names by one transformers major gives the same tokens in the other one."""
+    """An export written with vLLM's names by one transformers major gives the same tokens in the other
+    one."""
     if python is None:
         pytest.skip("no second virtual environment (.venv / .venv-tf4) next to this one")
     cases, results, _, jobs = exported

@@ -24,15 +24,18 @@ from llama3vision_min.lens.attention import question_ids
 from llama3vision_min.loading import load_tokenizer
 from llama3vision_min.miniature import CHECKPOINT_DIR
 from llama3vision_min.miniature.world import QUESTIONS, render, scene
-from llama3vision_min.tools.gguf_export import (LLAMA3_SPLIT, LLM_FILE, VISION_FILE, _pre_tokenizer, export_gguf,
-                                                halve_rope_rows, interleave_rope_rows, write_vision)
+from llama3vision_min.tools.gguf_export import (LLAMA3_SPLIT, LLM_FILE, VISION_FILE, _pre_tokenizer,
+                                                export_gguf, halve_rope_rows, interleave_rope_rows,
+                                                write_vision)
 
 from conftest import make_image
 
-gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'llama3vision-min[gguf]')")
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed "
+                                          "(pip install 'llama3vision-min[gguf]')")
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: make test-llama-cpp "
-                                                               "installs it (it builds llama.cpp, ~20 min once)")
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP,
+                                     reason="llama-cpp-python is not installed: make test-llama-cpp "
+                                            "installs it (it builds llama.cpp, ~20 min once)")
 SEEDS = range(10_000_000, 10_000_050)  # 50 held-out pictures x 4 questions = 200 pairs
 
 
@@ -60,28 +63,33 @@ def mini_f32(mini, tmp_path_factory):
 def test_the_llm_files_keys(mini, mini_f32):
     config = mini[0].text_model.config
     fields, _ = read(mini_f32 / LLM_FILE)
-    expected = {"general.architecture": "llama", "general.file_type": 0, "llama.vocab_size": config.vocab_size,
+    expected = {"general.architecture": "llama", "general.file_type": 0,
+                "llama.vocab_size": config.vocab_size,
                 "llama.block_count": 3, "llama.embedding_length": 96, "llama.feed_forward_length": 256,
-                "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 24,
+                "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+                "llama.rope.dimension_count": 24,
                 "llama.context_length": config.max_position_embeddings, "llama.rope.freq_base": 500000.0,
-                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.add_bos_token": True,
-                "tokenizer.ggml.add_eos_token": False}
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+                "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
     assert {key: fields[key] for key in expected} == expected
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.rms_norm_eps)
 
 
 def test_every_llm_tensor_is_the_weight(mini, mini_f32):
-    """Every tensor equals its torch weight (q and k after undoing llama.cpp's row order), and nothing else is there."""
+    """Every tensor equals its torch weight (q and k after undoing llama.cpp's row order), and nothing else
+    is there."""
     text_model = mini[0].text_model
     state, config = text_model.state_dict(), text_model.config
     _, tensors = read(mini_f32 / LLM_FILE)
     expected = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
     ours = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
     for i in range(config.num_hidden_layers):
-        expected |= {f"blk.{i}.{theirs}.weight": f"model.layers.{i}.{mine}.weight" for theirs, mine in ours.items()}
+        expected |= {f"blk.{i}.{theirs}.weight": f"model.layers.{i}.{mine}.weight"
+                     for theirs, mine in ours.items()}
     assert set(tensors) == set(expected)
     for name, key in expected.items():
         array, kind = tensors[name]
@@ -97,7 +105,8 @@ def test_the_tokenizer_in_the_file_is_the_models(mini, mini_f32):
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids("<|eot_id|>")}
-    assert all(types[i] == (gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL) for i in special | {5, 100})
+    assert all(types[i] == (gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+               for i in special | {5, 100})
     spec = json.loads((CHECKPOINT_DIR / "tokenizer.json").read_text())
     assert fields["tokenizer.ggml.merges"] == [" ".join(pair) for pair in spec["model"]["merges"]]
     assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
@@ -110,7 +119,8 @@ def test_the_vision_file_stores_every_layer_and_the_feature_layer(mini, mini_f32
     fields, tensors = read(mini_f32 / VISION_FILE)
     layers = model.vision_model.config.num_hidden_layers  # 4
     assert fields["general.architecture"] == "clip" and fields["clip.projector_type"] == "mlp"
-    assert fields["clip.has_vision_encoder"] is True and fields["clip.use_gelu"] is True  # tanh GELU, not quick
+    # tanh GELU, not quick
+    assert fields["clip.has_vision_encoder"] is True and fields["clip.use_gelu"] is True
     assert fields["clip.vision.block_count"] == layers  # all of them: llama.cpp runs block_count - 1
     assert fields["clip.vision.feature_layer"] == [layers - 1]  # hidden_states[N - 1] = hidden_states[-2]
     assert (fields["clip.vision.image_size"], fields["clip.vision.patch_size"]) == (64, 8)
@@ -125,9 +135,11 @@ def test_every_vision_tensor_is_the_weight(mini, mini_f32):
     state = {k.removeprefix("vision_model."): v for k, v in model.vision_model.state_dict().items()}
     projector = model.mm_projector.state_dict()
     _, tensors = read(mini_f32 / VISION_FILE)
-    expected = {"v.patch_embd.weight": state["embeddings.patch_embedding.weight"],  # (96, 3, 8, 8): a conv kernel
-                "v.patch_embd.bias": state["embeddings.patch_embedding.bias"],
-                "v.position_embd.weight": state["embeddings.position_embedding.weight"]}
+    expected = {
+        "v.patch_embd.weight": state["embeddings.patch_embedding.weight"],  # (96, 3, 8, 8): a conv kernel
+        "v.patch_embd.bias": state["embeddings.patch_embedding.bias"],
+        "v.position_embd.weight": state["embeddings.position_embedding.weight"],
+    }
     names = {"ln1": "layer_norm1", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
              "attn_v": "self_attn.v_proj", "attn_out": "self_attn.out_proj", "ln2": "layer_norm2",
              "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
@@ -170,8 +182,10 @@ def test_the_tiny_stand_ins_export(size, tiny_dir, small_dir, tmp_path):
     fields, tensors = read(tmp_path / LLM_FILE)
     vocab = model.text_model.config.vocab_size
     assert len(fields["tokenizer.ggml.tokens"]) == vocab and tensors["token_embd.weight"][0].shape[0] == vocab
-    unused = [i for i, kind in enumerate(fields["tokenizer.ggml.token_type"]) if kind == gguf.TokenType.UNUSED]
-    assert all(fields["tokenizer.ggml.tokens"][i] == f"[PAD{i}]" for i in unused)  # rows past the tokenizer's ids
+    unused = [i for i, kind in enumerate(fields["tokenizer.ggml.token_type"])
+              if kind == gguf.TokenType.UNUSED]
+    # rows past the tokenizer's ids
+    assert all(fields["tokenizer.ggml.tokens"][i] == f"[PAD{i}]" for i in unused)
     assert len(unused) == vocab - len(tokenizer)
 
 
@@ -182,13 +196,16 @@ def test_both_real_forms_and_a_swapped_llm_export(fake_hub, tmp_path):
     from fake_hub import OTHER_LLM, REAL_HF
 
     forms = {"hf": (LlamaVision.from_pretrained(REAL_HF, dtype=torch.float32), REAL_HF),
-             "swapped": (LlamaVision.from_alpha(OTHER_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float32), OTHER_LLM),
-             "alpha": (LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float32), REAL_LLM)}
+             "swapped": (LlamaVision.from_alpha(OTHER_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float32),
+                         OTHER_LLM),
+             "alpha": (LlamaVision.from_alpha(REAL_LLM, REAL_VISION, REAL_PROJECTOR, dtype=torch.float32),
+                       REAL_LLM)}
     stored = {}
     for name, (model, source) in forms.items():
         export_gguf(model, load_tokenizer(source), tmp_path / name, dtype="f32")
         stored[name] = read(tmp_path / name / LLM_FILE)[1]["blk.0.attn_v.weight"][0]
-        assert np.array_equal(stored[name], model.text_model.state_dict()["model.layers.0.self_attn.v_proj.weight"])
+        assert np.array_equal(stored[name],
+                              model.text_model.state_dict()["model.layers.0.self_attn.v_proj.weight"])
     assert not np.array_equal(stored["swapped"], stored["alpha"])  # the swap reaches the file
 
 
@@ -200,7 +217,8 @@ def test_the_rope_row_order_keeps_attention_the_same():
     generator = torch.Generator().manual_seed(0)
     wq, wk = (torch.randn(heads * head_dim, width, generator=generator) for _ in range(2))
     inputs = torch.randn(2, width, generator=generator)  # two positions
-    angles = torch.tensor([[0.7], [2.9]]) * (10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim))  # (2, d/2)
+    # (2, d/2)
+    angles = torch.tensor([[0.7], [2.9]]) * (10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim))
 
     def halves(v, a):  # transformers: pairs (i, i + d/2)
         first, second = v[..., : head_dim // 2], v[..., head_dim // 2 :]
@@ -216,7 +234,8 @@ def test_the_rope_row_order_keeps_attention_the_same():
         return torch.einsum("hd,hd->h", rotate(q[1], angles[1]), rotate(k[0], angles[0]))
 
     expected = scores(halves, wq, wk)
-    torch.testing.assert_close(scores(adjacent, interleave_rope_rows(wq, heads), interleave_rope_rows(wk, heads)),
+    torch.testing.assert_close(scores(adjacent, interleave_rope_rows(wq, heads),
+                                      interleave_rope_rows(wk, heads)),
                                expected)
     assert not torch.allclose(scores(adjacent, wq, wk), expected)  # without the reordering: other scores
     assert torch.equal(halve_rope_rows(interleave_rope_rows(wq, heads), heads), wq)
@@ -269,7 +288,8 @@ def test_a_rope_type_gguf_cannot_express_is_refused_before_writing(tmp_path):
     model, tokenizer = load_mini()
     config = model.text_model.config
     linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
-    setattr(config, "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling", linear)
+    setattr(config, "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling",
+            linear)
     with pytest.raises(ValueError, match="rope type 'linear'"):
         export_gguf(model, tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -316,7 +336,8 @@ def llama_cpp_mini(mini_f32):
 
 
 def _ours(model, tokenizer, image, question, max_new_tokens=16):
-    return model.answer_question(image, question, tokenizer, do_sample=False, max_new_tokens=max_new_tokens).tolist()
+    return model.answer_question(image, question, tokenizer, do_sample=False,
+                                 max_new_tokens=max_new_tokens).tolist()
 
 
 @needs_llama_cpp
@@ -351,9 +372,12 @@ def test_llama_cpps_image_embeddings_and_first_logits_are_ours(mini, llama_cpp_m
             question = QUESTIONS["what"]
             logits = model(input_ids=question_ids(tokenizer, question)[None],
                            pixel_values=model.preprocess([image])).logits[0, -1].numpy()
-        worst_embedding = max(worst_embedding, np.abs(llama_cpp_mini.image_embeddings(image) - embeddings).max())
-        worst_logit = max(worst_logit, np.abs(llama_cpp_mini.first_token_logits(image, question) - logits).max())
-    print(f"\n[llama.cpp] image embeddings within {worst_embedding:.1e}, first-token logits within {worst_logit:.1e}")
+        worst_embedding = max(worst_embedding,
+                              np.abs(llama_cpp_mini.image_embeddings(image) - embeddings).max())
+        worst_logit = max(worst_logit,
+                          np.abs(llama_cpp_mini.first_token_logits(image, question) - logits).max())
+    print(f"\n[llama.cpp] image embeddings within {worst_embedding:.1e}, "
+          f"first-token logits within {worst_logit:.1e}")
     assert worst_embedding < 1e-2 and worst_logit < 5e-3  # measured 3.5e-3 and 1.5e-3 (module docstring)
 
 
@@ -383,12 +407,14 @@ def test_a_random_model_agrees_except_at_near_ties(tiny_dir, tmp_path):
         for seed in SEEDS[:25]:
             image = square_picture(make_image(seed=seed), model.image_size)  # square: llama.cpp pads others
             for question in QUESTIONS.values():
-                ours, theirs = _ours(model, tokenizer, image, question, 8), runner.answer_ids(image, question, 8)
+                ours, theirs = (_ours(model, tokenizer, image, question, 8),
+                                runner.answer_ids(image, question, 8))
                 if ours == theirs:
                     agree += 1
                     continue
                 step = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-                ids = torch.cat([question_ids(tokenizer, question), torch.tensor(ours[:step], dtype=torch.long)])
+                ids = torch.cat([question_ids(tokenizer, question),
+                                 torch.tensor(ours[:step], dtype=torch.long)])
                 with torch.no_grad():
                     logits = model(input_ids=ids[None], pixel_values=model.preprocess([image])).logits[0, -1]
                 gaps.append((logits[ours[step]] - logits[theirs[step]]).item())
@@ -417,7 +443,8 @@ def test_non_square_pictures_agree_once_squared_our_way(mini, llama_cpp_mini):
 
 @needs_llama_cpp
 def test_the_docs_python_example_runs(mini_f32, tmp_path):
-    """docs/llama_cpp.md's llama-cpp-python snippet, as written, on the miniature's files and its demo picture."""
+    """docs/llama_cpp.md's llama-cpp-python snippet, as written, on the miniature's files and its demo
+    picture."""
     import re
     from pathlib import Path
 

@@ -122,7 +122,8 @@ def test_occlusion_equals_the_loss_by_hand(tiny):
     for row, column in [(0, 0), (1, 2), (3, 3)]:
         greyed = pixels.clone()
         greyed[:, :, 8 * row : 8 * row + 8, 8 * column : 8 * column + 8] = 0.0
-        assert drops[row, column].item() == pytest.approx(answer_log_prob(pixels) - answer_log_prob(greyed), abs=1e-4)
+        assert drops[row, column].item() == pytest.approx(answer_log_prob(pixels) - answer_log_prob(greyed),
+                                                          abs=1e-4)
     assert drops.shape == (4, 4) and drops.abs().max() > 0
 
 
@@ -138,7 +139,8 @@ def test_occlusion_in_blocks_gives_each_patch_its_blocks_drop(tiny):
 def test_occlusion_scores_the_models_own_answer_by_default(mini):
     model, tokenizer = mini
     picture = render(scene(10_000_011))
-    answer = model.answer_question(picture, QUESTION, tokenizer, do_sample=False)[:-1]  # its stop token dropped
+    # its stop token dropped
+    answer = model.answer_question(picture, QUESTION, tokenizer, do_sample=False)[:-1]
     torch.testing.assert_close(occlusion_map(model, tokenizer, picture, QUESTION),
                                occlusion_map(model, tokenizer, picture, QUESTION, answer_ids=answer))
 
@@ -164,7 +166,8 @@ def test_the_logit_lens_ends_with_the_models_own_predictions(tiny_model):
     (lambda m, t: patch_attention(m, t, make_image(), QUESTION, layers=[7]), ["layers", "range(2)", "[7]"]),
     (lambda m, t: patch_attention(m, t, make_image(), QUESTION, heads=[]), ["heads", "range(4)", "[]"]),
     (lambda m, t: patch_words(m, t, make_image(), k=0), ["k must be a positive whole number", "0"]),
-    (lambda m, t: logit_lens(m, t, make_image(), QUESTION, k=1.5), ["k must be a positive whole number", "1.5"]),
+    (lambda m, t: logit_lens(m, t, make_image(), QUESTION, k=1.5),
+     ["k must be a positive whole number", "1.5"]),
     (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, block=0), ["block must be", "0"]),
     (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, answer_ids=[]), ["at least one token"]),
 ], ids=["layer", "heads", "k", "lens-k", "block", "empty-answer"])
@@ -190,7 +193,8 @@ def attention_scores(mini):
 
 
 def test_attention_finds_the_objects_when_counting(attention_scores):
-    """Measured on this repository's machines: 100 % touching, 82 % at least a quarter object (chance 31 % / 21 %)."""
+    """Measured on this repository's machines: 100 % touching, 82 % at least a quarter object (chance
+    31 % / 21 %)."""
     count, chance = attention_scores["count"], attention_scores["chance"]
     assert count["touches"] >= 0.95 and count["quarter"] >= 0.75
     assert count["quarter"] >= 3 * chance["quarter"]

@@ -6,8 +6,8 @@ import torch
 
 from llama3vision_min import IGNORE_INDEX, tokenizer_image_token
 from llama3vision_min.prompt import build_prompt
-from llama3vision_min.miniature import (CHECKPOINT_DIR, HELD_OUT_START, QUESTIONS, answer, evaluate, load_mini, render,
-                                        sample, scene)
+from llama3vision_min.miniature import (CHECKPOINT_DIR, HELD_OUT_START, QUESTIONS, answer, evaluate,
+                                        load_mini, render, sample, scene)
 from llama3vision_min.miniature.stages import (Recipe, cached_features, configs, to_pixels, train_language,
                                                train_projector, train_vision)
 from llama3vision_min.miniature.text import PromptBuilder, make_tokenizer
@@ -115,14 +115,16 @@ def test_prompt_ids_agree_with_tokenizer_image_token_and_chat_template():
     builder = PromptBuilder(tokenizer, n_patches=64)
     builder.check()  # raises on any disagreement
     for question in QUESTIONS.values():
-        assert builder.image_prompt(question) == tokenizer_image_token(build_prompt(question), tokenizer).tolist()
+        assert (builder.image_prompt(question)
+                == tokenizer_image_token(build_prompt(question), tokenizer).tolist())
 
 
 def test_labels_are_ignored_except_on_the_answer_tokens(untrained):
     model, tokenizer = untrained
     config = model.vision_model.config
     builder = PromptBuilder(tokenizer, n_patches=(config.image_size // config.patch_size) ** 2)
-    input_ids, labels = builder.batch([[-200], [-200]], [QUESTIONS["what"]] * 2, ["a red circle", "two blue stars"])
+    input_ids, labels = builder.batch([[-200], [-200]], [QUESTIONS["what"]] * 2,
+                                      ["a red circle", "two blue stars"])
     prompt_length = len(builder.image_prompt(QUESTIONS["what"]))
     assert (labels[:, :prompt_length] == IGNORE_INDEX).all()
     for row in range(2):
@@ -154,7 +156,8 @@ def test_descriptions_say_the_scene_and_mixed_number_hides_the_count_in_nouns():
     assert len(clean) == 64 and set(clean) <= {"two", "red", "circles", *FILLERS}
     noisy = [w for _ in range(50) for w in random_description(rng, "red", "circle", 2, 64, max_noise=0.5)]
     assert {"blue", "three", "circle"} & set(noisy), "noise must put in wrong content words"
-    assert noisy.count("red") > sum(noisy.count(c) for c in COLOURS if c != "red"), "most colour words stay right"
+    assert noisy.count("red") > sum(noisy.count(c) for c in COLOURS if c != "red"), \
+        "most colour words stay right"
     nouns = {count: [w for _ in range(50)
                      for w in random_description(rng, "red", "circle", count, 64, mixed_number=True)
                      if w in ("circle", "circles")] for count in (1, 3)}
@@ -178,8 +181,8 @@ def test_quick_training_the_projector_learns(mini):
     recipe = Recipe.quick()
     model, tokenizer = mini
     fresh = Recipe(c_steps=60, c_batch=16, c_pictures=300, seed=recipe.seed)
-    trained, report_c = train_projector(model.vision_model, model.text_model, tokenizer, fresh, progress=False,
-                                        time_cache=False)
+    trained, report_c = train_projector(model.vision_model, model.text_model, tokenizer, fresh,
+                                        progress=False, time_cache=False)
     assert report_c["loss_last"] < report_c["loss_first"]
     chance = {"colour": 1 / 5, "shape": 1 / 5, "count": 1 / 3}
     for question_type, accuracy in chance.items():
@@ -212,7 +215,8 @@ def test_shipped_miniature_meets_the_bar_its_model_card_reports(mini):
     result = evaluate(model, tokenizer, n=reported["n_pictures"], progress=False)
     assert reported["n_pictures"] >= 500 and result["all"] >= 0.98, result
     for question_type in QUESTIONS:
-        assert abs(result[question_type] - reported[question_type]) <= 1 / reported["n_pictures"], (result, reported)
+        assert abs(result[question_type] - reported[question_type]) <= 1 / reported["n_pictures"], (result,
+                                                                                                   reported)
 
 
 def test_load_mini_is_an_ordinary_checkpoint(mini):

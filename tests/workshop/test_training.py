@@ -31,9 +31,11 @@ def pretrain_dir(tmp_path):
     for i, caption in enumerate(CAPTIONS):
         name = f"000/{i:04d}.png"
         make_image(size=(40 + i, 30), seed=i).save(tmp_path / "images" / name)
-        human = "<image>\nRender a clear and concise summary of the photo." if i % 2 else "Describe it.\n<image>"
+        human = ("<image>\nRender a clear and concise summary of the photo." if i % 2
+                 else "Describe it.\n<image>")
         entries.append({"id": str(i), "image": name,
-                        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]})
+                        "conversations": [{"from": "human", "value": human},
+                                          {"from": "gpt", "value": caption}]})
     (tmp_path / "data.json").write_text(json.dumps(entries))
     return tmp_path
 
@@ -86,8 +88,9 @@ def test_one_update_trains_only_the_projector_and_saves_it(pretrain_dir, fresh_t
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images")
     # global batch 8 = 4 per step x 2 accumulation steps: one optimizer update for the 8 examples
-    losses = train_stage1(model, dataset, tokenizer, tmp_path / "out", lr=1e-3, global_batch=8, per_device_batch=4,
-                          epochs=1, warmup_ratio=0.0, mixed_precision="no", progress=False)
+    losses = train_stage1(model, dataset, tokenizer, tmp_path / "out", lr=1e-3, global_batch=8,
+                          per_device_batch=4, epochs=1, warmup_ratio=0.0, mixed_precision="no",
+                          progress=False)
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {name for name in before if name.startswith("mm_projector.")}
@@ -99,8 +102,9 @@ def test_one_update_trains_only_the_projector_and_saves_it(pretrain_dir, fresh_t
 def test_loss_falls_over_a_few_updates(pretrain_dir, fresh_tiny, tmp_path):
     model, tokenizer = fresh_tiny
     dataset = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images", limit=4)
-    losses = train_stage1(model, dataset, tokenizer, tmp_path / "out", lr=3e-3, global_batch=4, per_device_batch=4,
-                          epochs=25, warmup_ratio=0.0, mixed_precision="no", progress=False)
+    losses = train_stage1(model, dataset, tokenizer, tmp_path / "out", lr=3e-3, global_batch=4,
+                          per_device_batch=4, epochs=25, warmup_ratio=0.0, mixed_precision="no",
+                          progress=False)
     assert len(losses) == 25
     assert losses[-1] < 0.8 * losses[0]  # the same four captions: the projector learns to prompt them
 
@@ -109,11 +113,13 @@ def test_global_batch_must_divide(pretrain_dir, fresh_tiny, tmp_path):
     model, tokenizer = fresh_tiny
     dataset = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images")
     with pytest.raises(ValueError, match="multiple of per_device_batch"):
-        train_stage1(model, dataset, tokenizer, tmp_path, global_batch=6, per_device_batch=4, mixed_precision="no")
+        train_stage1(model, dataset, tokenizer, tmp_path, global_batch=6, per_device_batch=4,
+                     mixed_precision="no")
 
 
 def test_command_line_reports_a_model_it_cannot_load_in_one_line(pretrain_dir, tmp_path, capsys):
-    """The default LLM is the ungated Llama 3 copy; offline and not cached, it fails in one line, naming it."""
+    """The default LLM is the ungated Llama 3 copy; offline and not cached, it fails in one line, naming
+    it."""
     code = main(["--data", str(pretrain_dir / "data.json"), "--images", str(pretrain_dir / "images"),
                  "--out", str(tmp_path / "out"), "--llm", str(tmp_path / "no-such-llm")])
     err = capsys.readouterr().err
