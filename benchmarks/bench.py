@@ -1,4 +1,5 @@
-"""Side-by-side benchmark: ``python benchmarks/bench.py [--sizes tiny,medium,real] [--quick]`` (``make bench``).
+"""Side-by-side benchmark: ``python benchmarks/bench.py [--sizes tiny,medium,real] [--quick]``
+(``make bench``).
 
 Every figure is a *ratio measured in the same run*: the paths being compared run interleaved
 (A, B, C, A, B, C, ...) on identical weights, and the median of the repeats is kept, so a
@@ -13,8 +14,8 @@ machine shared with other work shifts both sides alike. Rows per size:
   vs the original's way (re-encode the whole text history, without the picture) and vs
   ``ChatSession`` (re-encode everything, picture included) -- full turn and first token;
 * projector training steps with cached vision features vs features recomputed every step;
-* with ``--llama-cpp`` (needs llama-cpp-python: ``make llama-cpp``): the same weights exported to GGUF (f32)
-  and run by llama.cpp vs ours -- time to the first token and decode tokens/s, on the shipped miniature
+* with ``--llama-cpp`` (needs llama-cpp-python: ``make llama-cpp``): the same weights exported to GGUF
+  (f32) and run by llama.cpp vs ours -- time to the first token and decode tokens/s, on the shipped miniature
   and the medium random model;
 * the peak memory (resident set size above the start of the call) of each path.
 
@@ -59,12 +60,15 @@ FOLLOW_UP = "what colour is the shape?"
 SETTINGS = {
     # repeats: timed runs per path (median kept); warmup: untimed first runs per path;
     # threads: torch threads (small sizes: one, so small ops never wait on a busy core; real: all cores)
-    "tiny": dict(repeats=7, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32, threads=1),
-    "medium": dict(repeats=5, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32, threads=1),
+    "tiny": dict(repeats=7, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32,
+                 threads=1),
+    "medium": dict(repeats=5, warmup=1, pictures=8, new_tokens=32, train_batch=8, dtype=torch.float32,
+                   threads=1),
     # About 5 minutes on 2 free cores: a warm-up and three timed runs per path (a single run let the first
     # path pay a first-call cost: 20 % on the forward), 2 pictures of 8 tokens for the batch row, no
     # training row (a step is a forward and a backward over 729 rows and a 128256-wide head: minutes).
-    # float32: on CPUs bfloat16 matmuls of a few rows fall to a slow path (a 40-token prefill took 10x longer).
+    # float32: on CPUs bfloat16 matmuls of a few rows fall to a slow path (a 40-token prefill took 10x
+    # longer).
     "real": dict(repeats=3, warmup=1, pictures=2, new_tokens=32, batch_new_tokens=8, train_batch=None,
                  dtype=torch.float32, threads=os.cpu_count()),
 }
@@ -200,7 +204,8 @@ def bench_size(size, quick=False, log=print):
     log(f"[{size}] building ...")
     model, tokenizer = build(size)
     llava = to_llava(model, tokenizer)  # shares every tensor with `model`: identical weights, no copy
-    scratch = LlamaVision(vision_from_transformers(model.vision_model), llm_from_transformers(model.text_model),
+    scratch = LlamaVision(vision_from_transformers(model.vision_model),
+                          llm_from_transformers(model.text_model),
                           model.mm_projector).eval()  # our from-scratch towers, the same tensors again
     processor = llava_processor(model, tokenizer)
     images = pictures(max(n_pictures, settings["train_batch"] or 0))
@@ -214,7 +219,8 @@ def bench_size(size, quick=False, log=print):
     llava_inputs = processor(images=[image], text=processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
         add_generation_prompt=True), return_tensors="pt")
-    llava_inputs = {k: v for k, v in llava_inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    llava_inputs = {k: v for k, v in llava_inputs.items()
+                    if k in ("input_ids", "attention_mask", "pixel_values")}
     llava_inputs["pixel_values"] = llava_inputs["pixel_values"].to(model.vision_model.dtype)
 
     def ours_forward(which=model):
@@ -237,10 +243,11 @@ def bench_size(size, quick=False, log=print):
              "scratch": lambda: ours_forward(scratch)}
     log(f"[{size}] forward ...")
     times, peaks = compare(paths, repeats, warmup)
-    rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "LLaVA", "time ours/other", "<= 1.00"))
+    rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "LLaVA", "time ours/other",
+                     "<= 1.00"))
     rows.append(_row(size, "forward (full logits)", times, peaks, "ours", "original", "time ours/other"))
-    rows.append(_row(size, "forward (full logits)", times, peaks, "scratch", "ours", "time scratch/transformers",
-                     "<= 1.25"))
+    rows.append(_row(size, "forward (full logits)", times, peaks, "scratch", "ours",
+                     "time scratch/transformers", "<= 1.25"))
 
     # greedy generation of n_new tokens, from picture and question (tokenization and pixels included)
     def ours_generate(which=model):
@@ -248,7 +255,8 @@ def bench_size(size, quick=False, log=print):
 
     def llava_generate():
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-        inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+        inputs = processor(images=[image],
+                           text=processor.apply_chat_template(messages, add_generation_prompt=True),
                            return_tensors="pt")
         stops = stop_token_ids(tokenizer)
         with torch.inference_mode():
@@ -276,12 +284,13 @@ def bench_size(size, quick=False, log=print):
     batch_fixed = dict(do_sample=False, max_new_tokens=batch_new, min_new_tokens=batch_new)
     paths = {
         "batched": lambda: model.answer_questions(batch_images, questions, tokenizer, **batch_fixed),
-        "sequential": lambda: [model.answer_question(im, QUESTION, tokenizer, **batch_fixed) for im in batch_images],
+        "sequential": lambda: [model.answer_question(im, QUESTION, tokenizer, **batch_fixed)
+                               for im in batch_images],
     }
     log(f"[{size}] batch ...")
     times, peaks = compare(paths, repeats, warmup)
-    rows.append(_row(size, f"{n_pictures} pictures x {batch_new} tokens", times, peaks, "batched", "sequential",
-                     "throughput batched/sequential", ">= 3"))
+    rows.append(_row(size, f"{n_pictures} pictures x {batch_new} tokens", times, peaks, "batched",
+                     "sequential", "throughput batched/sequential", ">= 3"))
 
     # a follow-up chat turn
     log(f"[{size}] chat ...")
@@ -314,7 +323,8 @@ def bench_size(size, quick=False, log=print):
 
 
 def train_row(size, model, tokenizer, images, repeats, warmup):
-    """Steps/s of projector training (AdamW, LLaVA stage-1 style labels) with cached vs recomputed features."""
+    """Steps/s of projector training (AdamW, LLaVA stage-1 style labels) with cached vs recomputed
+    features."""
     prompt = tokenizer_image_token(build_prompt(QUESTION), tokenizer)  # (L,)
     answer = torch.tensor(tokenizer("a red circle.<|eot_id|>").input_ids[1:])
     row_ids = torch.cat([prompt, answer])  # (L + A,)
@@ -367,22 +377,25 @@ def bench_llama_cpp(name, repeats=5, warmup=1, new_tokens=32, log=print):
         export_gguf(model, tokenizer, folder, dtype="f32")
         with LlamaCppVision(folder, n_threads=os.cpu_count()) as runner:
             def ours(n):
-                return lambda: model.answer_question(image, QUESTION, tokenizer, do_sample=False, max_new_tokens=n,
-                                                     min_new_tokens=n)
+                return lambda: model.answer_question(image, QUESTION, tokenizer, do_sample=False,
+                                                     max_new_tokens=n, min_new_tokens=n)
 
             def theirs(n):
                 barred = {token: -1e9 for token in stops}  # no early stop: exactly n tokens on both sides
                 return lambda: runner.answer(image, QUESTION, n, logit_bias=barred)
 
             log(f"[{name}] llama.cpp: timing ...")
-            paths = {"llama.cpp 1": theirs(1), "ours 1": ours(1), f"llama.cpp {new_tokens}": theirs(new_tokens),
-                     f"ours {new_tokens}": ours(new_tokens)}
+            paths = {"llama.cpp 1": theirs(1), "ours 1": ours(1),
+                     f"llama.cpp {new_tokens}": theirs(new_tokens), f"ours {new_tokens}": ours(new_tokens)}
             times, peaks = compare(paths, repeats, warmup)
-    rows = [_row(name, "time to the first token", {"llama.cpp": times["llama.cpp 1"], "ours": times["ours 1"]},
+    rows = [_row(name, "time to the first token",
+                 {"llama.cpp": times["llama.cpp 1"], "ours": times["ours 1"]},
                  {}, "llama.cpp", "ours", "time llama.cpp/ours")]
-    decode = {who: (new_tokens - 1) / (times[f"{who} {new_tokens}"] - times[f"{who} 1"]) for who in ("llama.cpp", "ours")}
-    rows.append(Row(name, f"decode tokens/s ({new_tokens} tokens)", "llama.cpp", "ours", 1 / decode["llama.cpp"],
-                    1 / decode["ours"], decode["llama.cpp"] / decode["ours"], "tokens/s llama.cpp/ours", "", None, None))
+    decode = {who: (new_tokens - 1) / (times[f"{who} {new_tokens}"] - times[f"{who} 1"])
+              for who in ("llama.cpp", "ours")}
+    rows.append(Row(name, f"decode tokens/s ({new_tokens} tokens)", "llama.cpp", "ours",
+                    1 / decode["llama.cpp"], 1 / decode["ours"], decode["llama.cpp"] / decode["ours"],
+                    "tokens/s llama.cpp/ours", "", None, None))
     return rows
 
 
@@ -397,10 +410,12 @@ def _mb(value):
 
 def table(rows):
     """A markdown table of the rows."""
-    lines = ["| size | comparison | A | B | A median | B median | ratio | meaning | goal | peak MB A | peak MB B |",
+    lines = ["| size | comparison | A | B | A median | B median | ratio | meaning | goal "
+             "| peak MB A | peak MB B |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.size} | {r.comparison} | {r.a} | {r.b} | {_seconds(r.time_a)} | {_seconds(r.time_b)} | "
+        lines.append(f"| {r.size} | {r.comparison} | {r.a} | {r.b} | {_seconds(r.time_a)} "
+                     f"| {_seconds(r.time_b)} | "
                      f"{r.ratio:.2f} | {r.meaning} | {r.goal} | {_mb(r.peak_a)} | {_mb(r.peak_b)} |")
     return "\n".join(lines)
 
@@ -409,22 +424,26 @@ def machine():
     import transformers
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"torch {torch.__version__}, "
             f"transformers {transformers.__version__}, "
             f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, load average at start {load:.2f}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--sizes", default="tiny,medium,real", help="comma-separated: tiny, medium, real "
                                                                     "(default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer repeats, tokens and pictures")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: fewer repeats, tokens and pictures")
     parser.add_argument("--llama-cpp", action="store_true",
-                        help="also llama.cpp vs ours on the miniature and the medium model (needs llama-cpp-python)")
+                        help="also llama.cpp vs ours on the miniature and the medium model "
+                             "(needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for every size (default: 1 for tiny and medium -- on a machine shared "
-                             "with other jobs, more threads than free cores make small ops wait on each other -- "
-                             "and all cores for real)")
+                        help="torch threads for every size (default: 1 for tiny and medium -- on a machine "
+                             "shared with other jobs, more threads than free cores make small ops wait on "
+                             "each other -- and all cores for real)")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SETTINGS]

@@ -19,7 +19,8 @@ HERE = Path(__file__).resolve().parent
 def execute(path):
     notebook = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(HERE)}}).execute()
     nbformat.write(notebook, path)
     return time.perf_counter() - start
 

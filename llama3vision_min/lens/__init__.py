@@ -2,7 +2,8 @@
 
     patch_attention(model, tokenizer, image, question)   (grid, grid): where the answer's first position looks
     patch_words(model, tokenizer, image, k=3)            the vocabulary words nearest each projected patch
-    occlusion_map(model, tokenizer, image, question)     (grid, grid): how much greying each patch costs the answer
+    occlusion_map(model, tokenizer, image, question)     (grid, grid): how much greying each patch costs
+                                                         the answer
     logit_lens(model, tokenizer, image, question)        each layer's next-token reading of the image rows
 
 They work on either implementation of the towers (transformers' or ``scratch/``) and on any backend;

@@ -31,7 +31,8 @@ class Prompt:
 
 
 def question_ids(tokenizer, question, answer_ids=None):
-    """(L,) ids of the chat prompt for ``question`` with the picture's -200 (and the answer's ids after it)."""
+    """(L,) ids of the chat prompt for ``question`` with the picture's -200 (and the answer's ids after
+    it)."""
     ids = prompt_ids(chat_segments([(question, None)]), tokenizer)  # (L,)
     if answer_ids is not None:
         ids = torch.cat([ids, torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1).cpu()])
@@ -84,7 +85,8 @@ def patch_attention(model, tokenizer, image, question, layers=None, heads=None):
                                 output_attentions=True).attentions  # n_layers x (1, heads, T, T)
     if not attentions or attentions[0] is None:
         raise ValueError(f"{type(model.text_model).__name__} returned no attention weights")
-    rows = torch.stack([a[0, :, -1, prompt.image_rows].float().cpu() for a in attentions])  # (layers, heads, P)
+    rows = torch.stack([a[0, :, -1, prompt.image_rows].float().cpu()
+                        for a in attentions])  # (layers, heads, P)
     rows = rows[_select(layers, rows.shape[0], "layers")][:, _select(heads, rows.shape[1], "heads")]
     weights = rows.mean(dim=(0, 1))  # (P,)
     return (weights / weights.sum()).reshape(prompt.grid, prompt.grid)

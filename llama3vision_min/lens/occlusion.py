@@ -38,7 +38,8 @@ def occlusion_map(model, tokenizer, image, question, answer_ids=None, block=1, b
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive whole number, got {value!r}")
     if answer_ids is None:
-        answer_ids = model.answer_question(image, question, tokenizer, do_sample=False, max_new_tokens=32).tolist()
+        answer_ids = model.answer_question(image, question, tokenizer, do_sample=False,
+                                           max_new_tokens=32).tolist()
         while answer_ids and answer_ids[-1] in stop_token_ids(tokenizer):
             answer_ids.pop()
     answer_ids = torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1).cpu()

@@ -25,7 +25,8 @@ def patch_words(model, tokenizer, image, k=3):
     projected = model.encode_images(model.preprocess([image]))[0]  # (P, width): the picture's soft tokens
     vocabulary = model.text_model.get_input_embeddings().weight  # (vocab, width)
     k = min(k, vocabulary.shape[0])
-    similarity = F.normalize(projected.float(), dim=-1) @ F.normalize(vocabulary.float(), dim=-1).T  # (P, vocab)
+    similarity = (F.normalize(projected.float(), dim=-1)
+                  @ F.normalize(vocabulary.float(), dim=-1).T)  # (P, vocab)
     nearest = similarity.topk(k, dim=-1).indices.cpu()  # (P, k)
     return [[tokenizer.decode([token]) for token in row] for row in nearest.tolist()]
 

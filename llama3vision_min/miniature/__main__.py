@@ -16,24 +16,31 @@ from ..training.stage1 import _positive_int
 
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m llama3vision_min.miniature",
-                                     description="Train, evaluate and sample the miniature llama-3-vision-alpha.")
+                                     description="Train, evaluate and sample the miniature "
+                                                 "llama-3-vision-alpha.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run training stages A (vision), B (LLM), C (projector), D (LLM swap)")
+    train = commands.add_parser("train",
+                                help="run training stages A (vision), B (LLM), C (projector), D (LLM swap)")
     train.add_argument("--stage", default="all", choices=["A", "B", "C", "D", "all"])
-    train.add_argument("--out", default=None, help="working folder for stage outputs (default: a folder in the temp dir)")
+    train.add_argument("--out", default=None,
+                       help="working folder for stage outputs (default: a folder in the temp dir)")
     train.add_argument("--quick", action="store_true", help="the shortened CI recipe (a minute or two)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--ship", action="store_true",
-                       help="copy the trained miniature into the package (llama3vision_min/miniature/checkpoint)")
-    train.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
+                       help="copy the trained miniature into the package "
+                            "(llama3vision_min/miniature/checkpoint)")
+    train.add_argument("--threads", type=_positive_int, default=2,
+                       help="torch threads (default: %(default)s)")
     train.add_argument("--no-progress", action="store_true")
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type on held-out pictures")
     evaluate.add_argument("--model", default=None, help="a miniature folder (default: the shipped one)")
-    evaluate.add_argument("--n", type=_positive_int, default=500, help="number of pictures (default: %(default)s)")
+    evaluate.add_argument("--n", type=_positive_int, default=500,
+                          help="number of pictures (default: %(default)s)")
     evaluate.add_argument("--threads", type=_positive_int, default=2)
     sample = commands.add_parser("sample", help="print one example; optionally save its picture")
     sample.add_argument("seed", type=int)
-    sample.add_argument("--save", default=None, help="a new file for the picture (an existing one is not overwritten)")
+    sample.add_argument("--save", default=None,
+                        help="a new file for the picture (an existing one is not overwritten)")
     return parser
 
 
@@ -75,7 +82,8 @@ def train_command(args):
     if args.ship and (args.quick or args.stage != "all"):
         raise CommandError("--ship needs a full run (--stage all, without --quick)")
     recipe = Recipe.quick(seed=args.seed) if args.quick else Recipe(seed=args.seed)
-    out = Path(args.out or Path(tempfile.gettempdir()) / f"llama3vision_min-miniature{'-quick' if args.quick else ''}")
+    out = Path(args.out or
+               Path(tempfile.gettempdir()) / f"llama3vision_min-miniature{'-quick' if args.quick else ''}")
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file; name a folder")
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -83,8 +91,9 @@ def train_command(args):
         report = train_all(recipe, out, stages=stages, ship=args.ship, progress=not args.no_progress)
     except ValueError as error:  # e.g. a stage whose inputs an earlier stage has not written
         raise CommandError(str(error).splitlines()[0]) from None
-    summary = {stage: {k: v for k, v in report[stage].items() if k in ("stage_seconds", "loss_first", "loss_last",
-                                                                      "accuracy", "swapped", "control", "probe")}
+    summary = {stage: {k: v for k, v in report[stage].items()
+                       if k in ("stage_seconds", "loss_first", "loss_last",
+                                "accuracy", "swapped", "control", "probe")}
                for stage in stages}
     for part in summary.values():
         for result in part.values():

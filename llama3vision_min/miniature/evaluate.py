@@ -7,8 +7,10 @@ from .world import HELD_OUT_START, QUESTION_TYPES, QUESTIONS, answer, render, sc
 
 
 @torch.inference_mode()
-def evaluate(model, tokenizer, n=500, start=HELD_OUT_START, questions=QUESTIONS, batch_size=125, progress=True):
-    """Ask every question type about ``n`` pictures (seeds ``start`` .. ``start + n - 1``) and score exact matches.
+def evaluate(model, tokenizer, n=500, start=HELD_OUT_START, questions=QUESTIONS, batch_size=125,
+             progress=True):
+    """Ask every question type about ``n`` pictures (seeds ``start`` .. ``start + n - 1``) and score exact
+    matches.
 
     Greedy decoding, the answer decoded with ``skip_special_tokens=True`` and stripped. Each
     ``generate`` call holds one question type, so its prompts have one length and need no
@@ -19,7 +21,8 @@ def evaluate(model, tokenizer, n=500, start=HELD_OUT_START, questions=QUESTIONS,
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a number of pictures >= 1, got {n!r}")
     if start < HELD_OUT_START:
-        raise ValueError(f"evaluation pictures must come from held-out seeds (>= {HELD_OUT_START}), got start={start}")
+        raise ValueError(f"evaluation pictures must come from held-out seeds (>= {HELD_OUT_START}), "
+                         f"got start={start}")
     seeds = list(range(start, start + n))
     scenes = [scene(seed) for seed in seeds]
     images = [render(s) for s in scenes]

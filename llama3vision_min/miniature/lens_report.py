@@ -1,4 +1,5 @@
-"""The lens measured on the miniature: does the LLM look at the objects, and which words does the projector write?
+"""The lens measured on the miniature: does the LLM look at the objects, and which words does the
+projector write?
 
 In the miniature's world we know exactly where every object is (``world.object_mask``), so the maps of
 ``llama3vision_min.lens`` can be scored instead of admired. For held-out pictures and each question type:
@@ -56,7 +57,8 @@ def localisation(model, tokenizer, n=200, methods=("attention",), start=HELD_OUT
         chance["touches"].append(float((cover > 0).float().mean()))
         chance["quarter"].append(float((cover >= 0.25).float().mean()))
     chance = {k: float(np.mean(v)) for k, v in chance.items()}
-    return {m: {**{q: {k: float(np.mean(v)) for k, v in by.items()} for q, by in hits[m].items()}, "chance": chance}
+    return {m: {**{q: {k: float(np.mean(v)) for k, v in by.items()} for q, by in hits[m].items()},
+                "chance": chance}
             for m in methods}
 
 
@@ -74,7 +76,8 @@ def word_statistics(model, tokenizer, n=200, k=3, start=HELD_OUT_START):
     shape_right, shape_wrong, colour_right, colour_wrong = [], [], [], []
     for seed in range(start, start + n):
         picture_scene = scene(seed)
-        words = [[w.strip() for w in row] for row in patch_words(model, tokenizer, render(picture_scene), k=k)]
+        words = [[w.strip() for w in row]
+                 for row in patch_words(model, tokenizer, render(picture_scene), k=k)]
         cover = patch_cover(picture_scene, int(round(len(words) ** 0.5))).flatten()
         objects = [row for row, c in zip(words, cover) if c >= 0.25]
         on_objects.update(row[0] for row in objects)

@@ -49,8 +49,10 @@ def write_model_card(folder, report):
     lines = [
         "# The miniature llama-3-vision-alpha",
         "",
-        "A complete llama-3-vision-alpha trained from scratch on CPU in minutes, for a world of coloured shapes",
-        "(`llama3vision_min.miniature`): a tiny SigLIP-architecture vision tower (frozen), a tiny Llama-architecture",
+        "A complete llama-3-vision-alpha trained from scratch on CPU in minutes, for a world of coloured "
+        "shapes",
+        "(`llama3vision_min.miniature`): a tiny SigLIP-architecture vision tower (frozen), a tiny "
+        "Llama-architecture",
         "LLM (frozen) and a `ProjectionModule` between them -- the only part trained on pictures, with the",
         "LLaVA stage-1 recipe. Same `-hf` layout as `qresearch/llama-3-vision-alpha-hf`; load it with",
         "`llama3vision_min.load_mini()` or `LlamaVision.from_pretrained(this_folder)`.",
@@ -65,15 +67,17 @@ def write_model_card(folder, report):
         "",
         "## What it is",
         "",
-        "* Pictures: 64 x 64 px, one to three copies of one shape (circle, square, triangle, star, cross) in one",
+        "* Pictures: 64 x 64 px, one to three copies of one shape (circle, square, triangle, star, cross) "
+        "in one",
         "  colour (red, green, blue, yellow, purple) at random places and sizes (radius "
         f"{RADIUS[0]}-{RADIUS[1]} px) on a random light greyish background.",
         f"* Vision tower: SigLIP architecture, patch {r.get('patch_size')}, hidden {r.get('vision_hidden')}, "
-        f"{r.get('vision_layers')} layers -> {r.get('patch_size') and (64 // r['patch_size']) ** 2} patch tokens; "
+        f"{r.get('vision_layers')} layers -> "
+        f"{r.get('patch_size') and (64 // r['patch_size']) ** 2} patch tokens; "
         "features from `hidden_states[-2]`.",
         f"* LLM: Llama architecture, hidden {r.get('text_hidden')}, {r.get('text_layers')} layers, "
-        f"GQA {r.get('text_heads')}/{r.get('text_kv_heads')} heads; byte-level BPE tokenizer with Llama 3's special "
-        "tokens and chat template.",
+        f"GQA {r.get('text_heads')}/{r.get('text_kv_heads')} heads; byte-level BPE tokenizer with Llama 3's "
+        "special tokens and chat template.",
         f"* Projector: Linear {r.get('vision_hidden')} -> {r.get('text_hidden')}, GELU, "
         f"Linear {r.get('text_hidden')} -> {r.get('text_hidden')}.",
     ]
@@ -83,69 +87,77 @@ def write_model_card(folder, report):
     if "A" in report:
         a = report["A"]
         lines.append(
-            f"* **A, vision tower** ({a['stage_seconds']:.0f} s): a tiny `SiglipModel` (image and text towers) trained "
-            f"{r.get('a_steps')} steps with the sigmoid contrastive loss on picture/caption pairs (\"two red circles\"), "
-            f"batches of {r.get('a_batch')} different captions, lr {r.get('a_lr')} with {_pct(r.get('a_warmup', 0.03))} "
-            "warm-up then cosine; logit scale/bias start at log 10 / -5. Linear probe on "
-            f"mean-pooled `hidden_states[-2]`: colour {_pct(a['probe']['colour'])}, shape {_pct(a['probe']['shape'])}, "
+            f"* **A, vision tower** ({a['stage_seconds']:.0f} s): a tiny `SiglipModel` (image and text "
+            f"towers) trained {r.get('a_steps')} steps with the sigmoid contrastive loss on picture/caption "
+            f"pairs (\"two red circles\"), batches of {r.get('a_batch')} different captions, lr "
+            f"{r.get('a_lr')} with {_pct(r.get('a_warmup', 0.03))} warm-up then cosine; logit scale/bias "
+            "start at log 10 / -5. Linear probe on mean-pooled `hidden_states[-2]`: "
+            f"colour {_pct(a['probe']['colour'])}, shape {_pct(a['probe']['shape'])}, "
             f"count {_pct(a['probe']['count'])} (random tower: {_pct(a['probe_random_tower']['colour'])}, "
             f"{_pct(a['probe_random_tower']['shape'])}, {_pct(a['probe_random_tower']['count'])}).")
     if "B" in report:
         b = report["B"]
         lines.append(
-            f"* **B, LLM** ({b['stage_seconds']:.0f} s): trained {r.get('b_steps')} steps, text only, on Llama 3 chat "
-            "dialogs whose user turn holds a written description of a scene (padded with filler words to as many "
-            f"tokens as the picture has patches; up to {_pct(r.get('b_noise', 0.0))} of its content words swapped for "
-            "wrong ones, so it learns to go by what most of the description says"
-            + ("; nouns in singular or plural at random, so its answer's noun agrees with the count word it wrote"
-               if r.get("b_mixed_number") else "")
+            f"* **B, LLM** ({b['stage_seconds']:.0f} s): trained {r.get('b_steps')} steps, text only, on "
+            "Llama 3 chat dialogs whose user turn holds a written description of a scene (padded with filler "
+            f"words to as many tokens as the picture has patches; up to {_pct(r.get('b_noise', 0.0))} of its "
+            "content words swapped for wrong ones, so it learns to go by what most of the description says"
+            + ("; nouns in singular or plural at random, so its answer's noun agrees with the count word "
+               "it wrote" if r.get("b_mixed_number") else "")
             + ") and a question; loss on the answer. Reads clean descriptions: "
             + ", ".join(f"{q} {_pct(v)}" for q, v in b["reading_accuracy"].items()) + ".")
     if "C" in report:
         c = report["C"]
         lines.append(
-            f"* **C, projector** ({c['stage_seconds']:.0f} s): A and B frozen, {r.get('c_steps')} steps of batch "
-            f"{r.get('c_batch')} on {r.get('c_pictures')} pictures (question types what/colour/shape/count drawn "
+            f"* **C, projector** ({c['stage_seconds']:.0f} s): A and B frozen, {r.get('c_steps')} steps of "
+            f"batch {r.get('c_batch')} on {r.get('c_pictures')} pictures (question types "
+            "what/colour/shape/count drawn "
             f"{':'.join(str(w) for w in r.get('c_question_weights', (1, 1, 1, 1)))}), lr {r.get('c_lr')}, "
             "warmup 3 %, cosine; labels -100 "
-            f"except the answer tokens. Frozen vision features cached once: {c['cache_speedup']:.2f}x faster per step "
-            f"than recomputing them ({1000 * c['step_seconds_recomputed']:.0f} ms -> {1000 * c['step_seconds_cached']:.0f} ms).")
+            f"except the answer tokens. Frozen vision features cached once: {c['cache_speedup']:.2f}x faster "
+            f"per step than recomputing them ({1000 * c['step_seconds_recomputed']:.0f} ms -> "
+            f"{1000 * c['step_seconds_cached']:.0f} ms).")
     if "D" in report:
         d = report["D"]
         lines.append(
-            f"* **D, LLM swap** ({d['stage_seconds']:.0f} s): a copy of B fine-tuned {r.get('d_steps')} steps (lr "
-            f"{r.get('d_lr')}) on another wording of the descriptions and the questions ({_pct(r.get('d_old_questions', 0))} "
-            "of its batches still asked in the old wording); C's projector plugged in unchanged. The fine-tune reads "
-            "text descriptions in its new wording: "
+            f"* **D, LLM swap** ({d['stage_seconds']:.0f} s): a copy of B fine-tuned {r.get('d_steps')} "
+            f"steps (lr {r.get('d_lr')}) on another wording of the descriptions and the questions "
+            f"({_pct(r.get('d_old_questions', 0))} of its batches still asked in the old wording); C's "
+            "projector plugged in unchanged. The fine-tune reads text descriptions in its new wording: "
             + ", ".join(f"{q} {_pct(v)}" for q, v in d["reading_accuracy_new_wording"].items())
             + "; in the old: " + ", ".join(f"{q} {_pct(v)}" for q, v in d["reading_accuracy"].items())
             + ". Control: an LLM trained like B "
             f"from seed {r.get('seed', 0) + r.get('control_seed_offset', 0)}.")
     if "total_seconds" in report:
-        lines.append(f"* All stages from scratch: {report['total_seconds']:.0f} s on this machine's 2 CPU threads.")
+        lines.append(f"* All stages from scratch: {report['total_seconds']:.0f} s on this machine's 2 CPU "
+                     "threads.")
     if "C" in report:
         acc = report["C"]["accuracy"]
         lines += ["", "## Accuracy", "",
                   f"Greedy exact match on {acc['n_pictures']} pictures from seeds never used in training "
                   f"(seeds {HELD_OUT_START} ..), every question type asked about every picture:", "",
-                  "| model | what is this? | what colour is the shape? | what shape is it? | how many shapes are there? | all |",
+                  "| model | what is this? | what colour is the shape? | what shape is it? "
+                  "| how many shapes are there? | all |",
                   "|---|---|---|---|---|---|", _accuracy_row("miniature (A + B + C)", acc)]
     if "D" in report:
         d = report["D"]
-        lines += ["", f"LLM swap ({d['original']['n_pictures']} other held-out pictures, projector not retrained):", "",
-                  "| LLM under the projector | what | colour | shape | count | all |", "|---|---|---|---|---|---|",
+        lines += ["", f"LLM swap ({d['original']['n_pictures']} other held-out pictures, projector not "
+                      "retrained):", "",
+                  "| LLM under the projector | what | colour | shape | count | all |",
+                  "|---|---|---|---|---|---|",
                   _accuracy_row("B, the LLM the projector was trained with", d["original"]),
-                  _accuracy_row("B fine-tuned on another wording (D), asked in the old wording", d["swapped"]),
+                  _accuracy_row("B fine-tuned on another wording (D), asked in the old wording",
+                                d["swapped"]),
                   _accuracy_row("D, asked in its new wording", d["swapped_new_wording"]),
                   _accuracy_row("control: an LLM trained like B from another seed", d["control"]),
                   "", "The projector maps pictures into the embedding space that one LLM reads. A fine-tune "
-                  "keeps most of that space, so the projector still works; an independently trained LLM has its own "
-                  "embedding space, where the projected pictures mean nothing."]
+                  "keeps most of that space, so the projector still works; an independently trained LLM has "
+                  "its own embedding space, where the projected pictures mean nothing."]
     lines += ["", WHAT_IT_TOOK.strip()]
     if "C" in report:
         lines += ["", "## The first errors", "",
-                  f"The first {len(report['C']['accuracy']['errors'])} wrong answers on the evaluation pictures "
-                  "(seed, question, expected -> answered):", ""]
+                  f"The first {len(report['C']['accuracy']['errors'])} wrong answers on the evaluation "
+                  "pictures (seed, question, expected -> answered):", ""]
         lines += [f"* {seed}: {question} `{expected}` -> `{got}`"
                   for seed, question, expected, got in report["C"]["accuracy"]["errors"]]
     lines.append("")

@@ -39,8 +39,10 @@ def load_mini(path=CHECKPOINT_DIR, implementation="transformers"):
     """
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"no miniature in {path}; train one with `python -m llama3vision_min.miniature train --ship`")
-    model = LlamaVision.from_pretrained(path, dtype=torch.float32, device="cpu", implementation=implementation)
+        raise ValueError(f"no miniature in {path}; "
+                         "train one with `python -m llama3vision_min.miniature train --ship`")
+    model = LlamaVision.from_pretrained(path, dtype=torch.float32, device="cpu",
+                                        implementation=implementation)
     return model, load_tokenizer(path)
 
 
@@ -95,8 +97,8 @@ def run_stage(stage, recipe, out, progress=True):
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     missing = [name for name in NEEDS.get(stage, ()) if not (out / name / "config.json").is_file()]
     if missing:
-        raise ValueError(f"stage {stage} reads {', '.join(str(out / name) for name in missing)}, which an earlier stage "
-                         "writes: run it first (or --stage all)")
+        raise ValueError(f"stage {stage} reads {', '.join(str(out / name) for name in missing)}, "
+                         "which an earlier stage writes: run it first (or --stage all)")
     out.mkdir(parents=True, exist_ok=True)
     report = _report(out)
     report["recipe"] = asdict(recipe)
@@ -128,7 +130,8 @@ def run_stage(stage, recipe, out, progress=True):
         result["swapped"] = evaluate(swapped, tokenizer, n=n, start=start, progress=progress)
         result["swapped_new_wording"] = evaluate(swapped, tokenizer, n=n, start=start, progress=progress,
                                                  questions=REWORDED_QUESTIONS)
-        control, control_report = train_language(recipe, tokenizer, progress, seed=recipe.seed + recipe.control_seed_offset)
+        control, control_report = train_language(recipe, tokenizer, progress,
+                                                 seed=recipe.seed + recipe.control_seed_offset)
         result["control_llm"] = control_report
         result["control"] = evaluate(swap_llm(model, control), tokenizer, n=n, start=start, progress=progress)
     result["stage_seconds"] = time.perf_counter() - begin

@@ -43,7 +43,8 @@ evaluation pictures (``world.HELD_OUT_START``) above."""
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every hyper-parameter of the miniature. ``Recipe()`` is the shipped one, ``Recipe.quick()`` the CI one."""
+    """Every hyper-parameter of the miniature. ``Recipe()`` is the shipped one, ``Recipe.quick()`` the CI
+    one."""
 
     seed: int = 0
     # vision tower (SigLIP architecture): 64 px pictures, 8 px patches -> 8 x 8 = 64 patch tokens
@@ -78,7 +79,8 @@ class Recipe:
     # stage D
     d_steps: int = 300
     d_lr: float = 5e-4
-    d_old_questions: float = 0.5  # share of batches still asked in the old wording, so those are not forgotten
+    # share of batches still asked in the old wording, so those are not forgotten
+    d_old_questions: float = 0.5
     control_seed_offset: int = 1000
     # evaluation
     eval_pictures: int = 500
@@ -130,7 +132,8 @@ def _seeded(seed):
 
 def configs(recipe, tokenizer):
     """The miniature's ``(SiglipVisionConfig, LlamaConfig)``, made by the stand-ins' one config builder."""
-    geometry = Geometry(image_size=IMAGE_SIZE, patch_size=recipe.patch_size, vision_hidden=recipe.vision_hidden,
+    geometry = Geometry(image_size=IMAGE_SIZE, patch_size=recipe.patch_size,
+                        vision_hidden=recipe.vision_hidden,
                         vision_intermediate=4 * recipe.vision_hidden, vision_layers=recipe.vision_layers,
                         vision_heads=recipe.vision_heads, text_hidden=recipe.text_hidden,
                         text_intermediate=recipe.text_intermediate, text_layers=recipe.text_layers,
@@ -157,7 +160,8 @@ def _caption_ids(tokenizer):
 
 
 def _class_batch(rng, batch):
-    """``batch`` pictures of ``batch`` different classes, drawn fresh: (pixels (batch, 3, H, W), labels (batch,)).
+    """``batch`` pictures of ``batch`` different classes, drawn fresh:
+    (pixels (batch, 3, H, W), labels (batch,)).
 
     No two pictures share a caption, so no pair in the batch is a false negative. The
     classes come colour by colour (all 15 shape/count classes of one colour, then of
@@ -237,7 +241,8 @@ def train_vision(recipe=Recipe(), tokenizer=None, progress=True, probe=True):
 @torch.no_grad()
 def cached_features(tower, images, batch_size=250):
     """The frozen tower's ``hidden_states[-2]`` for many pictures: (n, n_patches, vision_hidden)."""
-    chunks = [vision_features(tower, to_pixels(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    chunks = [vision_features(tower, to_pixels(images[i:i + batch_size]))
+              for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
 
@@ -293,12 +298,14 @@ def _reading_batch(builder, rng, batch, question_type, reworded=False, questions
 
 
 def random_scene_content(rng):
-    """A scene's content -- colour, shape and count drawn uniformly -- with nothing drawn (stage B reads text)."""
-    return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3), background=None, objects=())
+    """A scene's content -- colour, shape and count drawn uniformly -- with nothing drawn (stage B reads
+    text)."""
+    return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3), background=None,
+                 objects=())
 
 
-def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=False, question_weights=(1, 1, 1, 1),
-              old_questions=0.0, **description):
+def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=False,
+              question_weights=(1, 1, 1, 1), old_questions=0.0, **description):
     """Train ``model`` on reading dialogs; loss on the answer tokens only. Returns the losses.
 
     Each batch holds one question type, drawn with ``question_weights`` (what, colour, shape, count);
@@ -313,7 +320,8 @@ def _train_lm(model, builder, rng, steps, batch, lr, desc, progress, reworded=Fa
     for step in bar:
         question_type = rng.choices(QUESTION_TYPES, weights=question_weights)[0]
         questions = QUESTIONS if reworded and rng.random() < old_questions else None
-        input_ids, labels = _reading_batch(builder, rng, batch, question_type, reworded, questions, **description)
+        input_ids, labels = _reading_batch(builder, rng, batch, question_type, reworded, questions,
+                                           **description)
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -374,7 +382,8 @@ def train_language(recipe=Recipe(), tokenizer=None, progress=True, seed=None):
 # -- stage C: the projector ----------------------------------------------------------------------
 def _picture_batch(builder, scenes, indices, question_type, questions=QUESTIONS):
     answers = [answer(scenes[i], question_type) for i in indices]
-    return builder.batch([[IMAGE_TOKEN_INDEX]] * len(indices), [questions[question_type]] * len(indices), answers)
+    return builder.batch([[IMAGE_TOKEN_INDEX]] * len(indices), [questions[question_type]] * len(indices),
+                         answers)
 
 
 @torch.no_grad()
@@ -478,8 +487,9 @@ def finetune_language(llm, tokenizer, recipe=Recipe(), progress=True):
     rng = _seeded(recipe.seed + 3)
     tuned = copy.deepcopy(llm).requires_grad_(True)
     start = time.perf_counter()
-    losses = _train_lm(tuned, builder, rng, recipe.d_steps, recipe.b_batch, recipe.d_lr, "D fine-tune (new wording)",
-                       progress, reworded=True, old_questions=recipe.d_old_questions, **_description_options(recipe))
+    losses = _train_lm(tuned, builder, rng, recipe.d_steps, recipe.b_batch, recipe.d_lr,
+                       "D fine-tune (new wording)", progress, reworded=True,
+                       old_questions=recipe.d_old_questions, **_description_options(recipe))
     tuned.requires_grad_(False)
     report = {"seconds": time.perf_counter() - start, **_loss_summary(losses),
               "reading_accuracy_new_wording": reading_accuracy(tuned, builder, reworded=True),
@@ -489,5 +499,6 @@ def finetune_language(llm, tokenizer, recipe=Recipe(), progress=True):
 
 def swap_llm(model, llm):
     """The same tower and projector with another LLM (nothing retrained)."""
-    return LlamaVision(vision_model=model.vision_model, text_model=llm, mm_projector=model.mm_projector).eval()
+    return LlamaVision(vision_model=model.vision_model, text_model=llm,
+                       mm_projector=model.mm_projector).eval()
 

@@ -92,12 +92,13 @@ SIZES = {
                       vision_heads=4, text_hidden=96, text_intermediate=192, text_layers=3, text_heads=6,
                       text_kv_heads=2, max_positions=512, initializer_range=0.2),
     # the benchmark's sizes: SigLIP 224 px / patch 14 (256 patches); the real geometry with two layers each
-    "medium": Geometry(image_size=224, patch_size=14, vision_hidden=384, vision_intermediate=1536, vision_layers=4,
-                       vision_heads=6, text_hidden=512, text_intermediate=1536, text_layers=6, text_heads=8,
-                       text_kv_heads=4, max_positions=2048, rms_norm_eps=1e-5),
-    "real": Geometry(image_size=384, patch_size=14, vision_hidden=1152, vision_intermediate=4304, vision_layers=2,
-                     vision_heads=16, text_hidden=4096, text_intermediate=14336, text_layers=2, text_heads=32,
-                     text_kv_heads=8, max_positions=8192, vocab_size=128256, rms_norm_eps=1e-5),
+    "medium": Geometry(image_size=224, patch_size=14, vision_hidden=384, vision_intermediate=1536,
+                       vision_layers=4, vision_heads=6, text_hidden=512, text_intermediate=1536,
+                       text_layers=6, text_heads=8, text_kv_heads=4, max_positions=2048, rms_norm_eps=1e-5),
+    "real": Geometry(image_size=384, patch_size=14, vision_hidden=1152, vision_intermediate=4304,
+                     vision_layers=2, vision_heads=16, text_hidden=4096, text_intermediate=14336,
+                     text_layers=2, text_heads=32, text_kv_heads=8, max_positions=8192, vocab_size=128256,
+                     rms_norm_eps=1e-5),
 }
 """The stand-ins' sizes. tiny and small are built by real random initialisation; medium and real
 (about 1.9 B parameters) are filled by tiling a random pool (``fill_by_tiling``)."""
@@ -194,7 +195,8 @@ def random_parts(size="tiny", seed=0, dtype=None):
     from transformers import LlamaForCausalLM, SiglipVisionModel
 
     tokenizer = tiny_tokenizer()
-    vision_config, text_config = make_configs(size, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    vision_config, text_config = make_configs(size, vocab_size=len(tokenizer),
+                                              bos_token_id=tokenizer.bos_token_id,
                                               eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -206,7 +208,8 @@ def random_parts(size="tiny", seed=0, dtype=None):
                 vision_model = SiglipVisionModel(vision_config)
                 text_model = LlamaForCausalLM(text_config)
             generator = torch.Generator().manual_seed(seed)
-            pool = (torch.randn(1_000_003, generator=generator) * 0.02).to(dtype or torch.float32)  # prime length
+            pool = (torch.randn(1_000_003, generator=generator)  # prime length
+                    * 0.02).to(dtype or torch.float32)
             vision_model = fill_by_tiling(vision_model, pool, dtype or torch.float32)
             text_model = fill_by_tiling(text_model, pool, dtype or torch.float32)
             torch.manual_seed(seed)  # the meta-device construction above drew from the stream
@@ -224,13 +227,15 @@ def build_tiny(path=None, size="tiny", seed=0):
     if path is None:
         import transformers
 
-        major = transformers.__version__.split(".")[0]  # files written by one major version are not reused by another
+        # files written by one major version are not reused by another
+        major = transformers.__version__.split(".")[0]
         path = Path(tempfile.gettempdir()) / f"llama3vision_min-v{TINY_FORMAT}-tf{major}-{size}-seed{seed}"
     path = Path(path)
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
     vision_model, text_model, mm_projector, tokenizer = random_parts(size, seed)
-    LlamaVision(vision_model=vision_model, text_model=text_model, mm_projector=mm_projector).save_pretrained(path)
+    LlamaVision(vision_model=vision_model, text_model=text_model,
+                mm_projector=mm_projector).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

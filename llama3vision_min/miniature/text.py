@@ -61,7 +61,8 @@ def corpus():
     for count in (1, 2, 3):
         for colour in COLOURS:
             for shape in SHAPES:
-                lines.append(f"the {phrase(colour, shape, count)} . {reworded_phrase(colour, shape, count)} .")
+                lines.append(f"the {phrase(colour, shape, count)} . "
+                             f"{reworded_phrase(colour, shape, count)} .")
                 lines.append(f"{colour} {shape} {PLURALS[shape]} {COUNTS[count - 1]}")
     lines += list(QUESTIONS.values()) + list(REWORDED_QUESTIONS.values())
     lines += [" ".join(FILLERS)] * 20 + ["user assistant system"]
@@ -84,7 +85,8 @@ def _check_single_tokens(tokenizer):
         for text in (word, " " + word):
             ids = tokenizer(text, add_special_tokens=False).input_ids
             if len(ids) != 1:
-                raise ValueError(f"{text!r} is {len(ids)} tokens; raise VOCAB_SIZE so every word is one token")
+                raise ValueError(f"{text!r} is {len(ids)} tokens; "
+                                 "raise VOCAB_SIZE so every word is one token")
 
 
 class PromptBuilder:
@@ -155,7 +157,8 @@ class PromptBuilder:
 
 
 def random_description(rng, colour, shape, count, n_words, reworded=False, max_noise=0.0, mixed_number=False):
-    """A description of exactly ``n_words`` words: the scene's phrase over and over, some words replaced by filler.
+    """A description of exactly ``n_words`` words: the scene's phrase over and over, some words replaced by
+    filler.
 
     The phrase is repeated from a random offset to fill ``n_words``; then a random share
     (up to half) of the words become filler. A picture's patches all "know" the scene, so

@@ -39,7 +39,8 @@ COLOURS = {  # nominal RGB of each colour; each object is drawn within +-COLOUR_
 COLOUR_JITTER = 12
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
+           "cross": "crosses"}
 COUNTS = ("one", "two", "three")
 
 QUESTIONS = {
@@ -78,9 +79,8 @@ class Scene:
     @property
     def label(self):
         """The class index 0..74 of (count, colour, shape), used to build contrastive batches."""
-        return ((self.count - 1) * len(COLOURS) + list(COLOURS).index(self.colour)) * len(SHAPES) + SHAPES.index(
-            self.shape
-        )
+        return (((self.count - 1) * len(COLOURS) + list(COLOURS).index(self.colour)) * len(SHAPES)
+                + SHAPES.index(self.shape))
 
 
 N_CLASSES = len(COUNTS) * len(COLOURS) * len(SHAPES)
@@ -153,7 +153,8 @@ def random_scene(rng, colour=None, shape=None, count=None):
     shape = shape or rng.choice(SHAPES)
     count = count or rng.randint(1, 3)
     background = _random_background(rng)
-    objects = tuple(Obj(x, y, r, _jitter(COLOURS[colour], rng, COLOUR_JITTER)) for x, y, r in _place(rng, count))
+    objects = tuple(Obj(x, y, r, _jitter(COLOURS[colour], rng, COLOUR_JITTER))
+                    for x, y, r in _place(rng, count))
     return Scene(colour, shape, count, background, objects)
 
 
@@ -179,9 +180,12 @@ def _outline(shape, x, y, r):
             points.append((x + radius * math.cos(angle), y + radius * math.sin(angle)))
         return points
     if shape == "cross":
-        a = 0.25 * r  # half the width of an arm (thin: with arms a third of r wide, the tiny tower took crosses for squares)
-        return [(x - a, y - r), (x + a, y - r), (x + a, y - a), (x + r, y - a), (x + r, y + a), (x + a, y + a),
-                (x + a, y + r), (x - a, y + r), (x - a, y + a), (x - r, y + a), (x - r, y - a), (x - a, y - a)]
+        # half the width of an arm (thin: with arms a third of r wide, the tiny tower took crosses for
+        # squares)
+        a = 0.25 * r
+        return [(x - a, y - r), (x + a, y - r), (x + a, y - a), (x + r, y - a),
+                (x + r, y + a), (x + a, y + a), (x + a, y + r), (x - a, y + r),
+                (x - a, y + a), (x - r, y + a), (x - r, y - a), (x - a, y - a)]
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -9,11 +9,10 @@ embeddings (RoPE) and grouped-query attention (8 key/value heads for 32 query he
 layer's keys and values, so that generation runs only the new token through the model.
 
 The parameters carry transformers' names (``model.layers.N.self_attn.q_proj``, ``lm_head``, ...), so the same
-state dicts load into either, and any module with a ``forward(x)`` serves as a projection (a 4-bit ``Linear4bit``
-too). ``LlamaLM`` is a ``PreTrainedModel`` only so that transformers' ``generate`` loop and cache drive it.
-Written from the Llama 3 paper (arXiv 2407.21783), RoFormer (arXiv 2104.09864), GQA (arXiv 2305.13245),
-GLU variants (arXiv 2002.05202), RMSNorm (arXiv 1910.07467) and Meta's published configurations.
-"""
+state dicts load into either, and any module with a ``forward(x)`` serves as a projection (a 4-bit
+``Linear4bit`` too). ``LlamaLM`` is a ``PreTrainedModel`` only so that transformers' ``generate`` loop and
+cache drive it. Written from the Llama 3 paper (arXiv 2407.21783), RoFormer (arXiv 2104.09864), GQA
+(arXiv 2305.13245), GLU variants (arXiv 2002.05202), RMSNorm (arXiv 1910.07467) and Meta's configurations."""
 
 import dataclasses
 import math
@@ -27,7 +26,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..constants import IGNORE_INDEX
 
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+               else "past_key_values")
 """transformers 5 renamed the outputs' (and generate's) ``past_key_values`` to ``cache``; both are served."""
 
 
@@ -69,12 +69,12 @@ def rope_frequencies(config, scaled=True):
     (``scaled=False``: the frequencies before that)."""
     theta, kind, rope = rope_settings(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim / 2,)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim/2,)
     if kind == "llama3" and scaled:
         factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
         context = rope["original_max_position_embeddings"]
         wavelength = 2 * math.pi / inv_freq
-        slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)  # long waves: slowed down
+        slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)  # long waves slowed
         blend = (context / wavelength - low) / (high - low)  # 0 .. 1 between the two thresholds
         middle = (wavelength >= context / high) & (wavelength <= context / low)
         inv_freq = torch.where(middle, (1 - blend) * slowed / factor + blend * slowed, slowed)
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads  # 128
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads  # d = 128
         bias = getattr(config, "attention_bias", False)
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
@@ -109,15 +109,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, output_attentions=False):
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (b, 32, T, 128)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, 8, T, 128)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (b, 32, T, d)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, 8, T, d)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # the keys and values of every earlier position, then these
             k, v = cache.update(k, v, self.layer_index)  # (b, 8, past + T, 128)
         group = self.n_heads // self.n_kv_heads  # each key/value head serves 4 query heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (b, 32, past + T, 128)
-        if output_attentions:  # the same, written out, to return the weights themselves (llama3vision_min.lens)
+        if output_attentions:  # the same, written out, to return the weights (llama3vision_min.lens)
             scores = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).masked_fill(~mask, float("-inf"))
             weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # (b, 32, T, past + T)
             return self.o_proj((weights @ v).transpose(1, 2).reshape(batch, length, -1)), weights
@@ -160,7 +160,7 @@ def causal_mask(attention_mask, length, past, device):
     nothing sees everything instead: its output is never read, and an all-masked row would give NaN."""
     total = past + length
     query = torch.arange(past, total, device=device)[:, None]  # (length, 1): the new positions
-    allowed = (torch.arange(total, device=device)[None, :] <= query)[None, None]  # (1, 1, length, total): causal
+    allowed = (torch.arange(total, device=device)[None, :] <= query)[None, None]  # (1, 1, length, total)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, -total:].bool()
     return allowed | ~allowed.any(-1, keepdim=True)
@@ -184,7 +184,7 @@ class Decoder(nn.Module):
         if position_ids is None:  # 0, 1, 2, ... after what the cache holds
             position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         angles = position_ids[..., None].float() * self.inv_freq.float()  # (b, T, head_dim / 2)
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, T, head_dim): one angle per pair, twice
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, T, head_dim): each angle twice
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = causal_mask(attention_mask, x.shape[1], past, x.device)
         states, attentions = [x], []  # as transformers returns them: the input, each layer's output, ...
@@ -241,8 +241,8 @@ class LlamaLM(PreTrainedModel, GenerationMixin):
                          output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state  # (b, T, width)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (b, T, vocab)
-        loss = None
-        if labels is not None:  # position t predicts token t + 1; IGNORE_INDEX marks positions without a target
+        loss = None  # position t predicts token t + 1; IGNORE_INDEX marks positions without a target
+        if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,

@@ -13,10 +13,11 @@ feeds a pooling head that squeezes the picture into one vector to compare with a
 before it richer in per-patch detail. The final LayerNorm and the pooling head are kept only for
 completeness: the LayerNorm gives ``last_hidden_state``; the head is not built (nothing reads it).
 
-The parameters carry transformers' names (``embeddings.patch_embedding``, ``encoder.layers.N.self_attn.q_proj``,
-...), so the same state dicts load into either. Written from the SigLIP paper (Zhai et al., "Sigmoid
-Loss for Language Image Pre-Training", arXiv 2303.15343), the ViT it builds on (Dosovitskiy et al.,
-arXiv 2010.11929) and the published configuration of ``google/siglip-so400m-patch14-384``.
+The parameters carry transformers' names (``embeddings.patch_embedding``,
+``encoder.layers.N.self_attn.q_proj``, ...), so the same state dicts load into either. Written from the
+SigLIP paper (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", arXiv 2303.15343), the ViT it
+builds on (Dosovitskiy et al., arXiv 2010.11929) and the published configuration of
+``google/siglip-so400m-patch14-384``.
 """
 
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from torch import nn
 @dataclass
 class VisionOutput:
     last_hidden_state: torch.Tensor  # (n, patches, width): the last layer's output after the final LayerNorm
-    hidden_states: tuple | None = None  # (embeddings, layer 1, ..., layer N): N + 1 tensors of (n, patches, width)
+    # (embeddings, layer 1, ..., layer N): N + 1 tensors of (n, patches, width)
+    hidden_states: tuple | None = None
 
 
 class PatchEmbeddings(nn.Module):
@@ -40,8 +42,8 @@ class PatchEmbeddings(nn.Module):
         self.n_patches = (config.image_size // config.patch_size) ** 2  # 27 * 27 = 729
         # A convolution with kernel = stride = patch size sees each patch exactly once: a linear map
         # of its 14 x 14 x 3 pixels to one vector. (A 384-pixel picture leaves 6 pixels that no patch covers.)
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
-                                         stride=config.patch_size)
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
+                                         kernel_size=config.patch_size, stride=config.patch_size)
         # Attention itself does not know where a patch was: a learned vector per position tells it.
         self.position_embedding = nn.Embedding(self.n_patches, config.hidden_size)
 
@@ -71,7 +73,8 @@ class Attention(nn.Module):
             return t.view(n, length, self.n_heads, self.head_dim).transpose(1, 2)
 
         # softmax(q k^T / sqrt(head_dim)) v, in every head at once
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                             heads(self.v_proj(x)))
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))  # heads side by side again
 
 

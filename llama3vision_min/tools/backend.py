@@ -75,7 +75,8 @@ def gpu_in_words():
 
 
 def mini_available():
-    """True when the trained miniature is shipped inside the package (llama3vision_min/miniature/checkpoint/)."""
+    """True when the trained miniature is shipped inside the package
+    (llama3vision_min/miniature/checkpoint/)."""
     from ..miniature import CHECKPOINT_DIR
 
     return (CHECKPOINT_DIR / "config.json").is_file()
@@ -189,7 +190,8 @@ def load_backend(choice=None, parts=PARTS):
             model, where = load_real_vision()
             what = f"SigLIP so400m + the official projector ({where}); no LLM"
             return Backend(name, model, None, what, reason)
-        return Backend(name, None, None, "nothing loaded yet (the notebook loads what it needs itself)", reason)
+        return Backend(name, None, None, "nothing loaded yet (the notebook loads what it needs itself)",
+                       reason)
     if name == "mini":
         from ..miniature import load_mini
 

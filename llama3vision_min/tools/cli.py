@@ -18,7 +18,8 @@ from pathlib import Path
 from ..training.stage1 import _positive_int
 
 DEFAULT_MODEL = "mini"
-"""The model used when neither ``--model`` nor ``--llm`` is given: the shipped miniature (trained on coloured shapes)."""
+"""The model used when neither ``--model`` nor ``--llm`` is given: the shipped miniature (trained on
+coloured shapes)."""
 
 DTYPES = ("float32", "bfloat16", "float16")
 GGUF_DTYPES = {"f32": "float32", "f16": "float16", "float32": "float32", "float16": "float16"}
@@ -31,21 +32,26 @@ class CliError(Exception):
 
 def _model_options(parser):
     parser.add_argument("--model", default=None,
-                        help="'mini' (the shipped miniature), 'tiny' (random weights: answers noise), a folder "
-                             "in the -hf layout, or a Hub id such as qresearch/llama-3-vision-alpha-hf "
+                        help="'mini' (the shipped miniature), 'tiny' (random weights: answers noise), "
+                             "a folder in the -hf layout, or a Hub id such as "
+                             "qresearch/llama-3-vision-alpha-hf "
                              f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--llm", default=None,
-                        help="the alpha form: a Llama 3 LLM (folder or Hub id, e.g. unsloth/llama-3-8b-Instruct "
-                             "or a fine-tune of it), with --vision and --projector")
+                        help="the alpha form: a Llama 3 LLM (folder or Hub id, e.g. "
+                             "unsloth/llama-3-8b-Instruct or a fine-tune of it), "
+                             "with --vision and --projector")
     parser.add_argument("--vision", default=None, help="alpha form: the SigLIP model (default: the real one)")
     parser.add_argument("--projector", default=None,
-                        help="alpha form: mm_projector.bin/.safetensors, a folder or a Hub id (default: the real one)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+                        help="alpha form: mm_projector.bin/.safetensors, a folder or a Hub id "
+                             "(default: the real one)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: the GPU when there is one)")
     parser.add_argument("--dtype", default=None, choices=DTYPES + ("f32", "f16"),
-                        help="default: float16 on a GPU; on a CPU bfloat16 where it computes it, else float32 "
-                             "(export --format gguf: f32 or f16, the files' type; default f16)")
+                        help="default: float16 on a GPU; on a CPU bfloat16 where it computes it, "
+                             "else float32 (export --format gguf: f32 or f16, the files' type; default f16)")
     parser.add_argument("--load-in-4bit", action="store_true",
-                        help="alpha form: the LLM in 4-bit (bitsandbytes; on a GPU, or on a CPU with bitsandbytes >= 0.49)")
+                        help="alpha form: the LLM in 4-bit (bitsandbytes; on a GPU, or on a CPU with "
+                             "bitsandbytes >= 0.49)")
 
 
 def _parser():
@@ -57,17 +63,20 @@ def _parser():
     ask.add_argument("--image", required=True, help="path to the picture")
     _model_options(ask)
     ask.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default: %(default)s")
-    ask.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 0.2")
+    ask.add_argument("--greedy", action="store_true",
+                     help="greedy decoding instead of sampling at temperature 0.2")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    export = commands.add_parser("export", help="write a transformers-native LLaVA folder (tools/llava_export.py) "
-                                                "or, with --format gguf, model.gguf and mmproj.gguf for llama.cpp")
+    export = commands.add_parser("export",
+                                 help="write a transformers-native LLaVA folder (tools/llava_export.py) "
+                                      "or, with --format gguf, model.gguf and mmproj.gguf for llama.cpp")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", default="llava", choices=("llava", "gguf"),
                         help="llava: transformers' LlavaForConditionalGeneration (default); gguf: llama.cpp "
                              "(quantise model.gguf afterwards with llama.cpp's llama-quantize)")
     _model_options(export)
     export.add_argument("--vllm-names", action="store_true",
-                        help="store weights under the names vLLM's llava loader reads (transformers 4.x and 5.x read them too)")
+                        help="store weights under the names vLLM's llava loader reads "
+                             "(transformers 4.x and 5.x read them too)")
     return parser
 
 
@@ -117,12 +126,14 @@ def _load_model(args):
     if not alpha and (args.vision or args.projector):
         raise CliError("--vision and --projector belong to the alpha form: give --llm too")
     if args.load_in_4bit and not alpha:
-        raise CliError("--load-in-4bit needs the alpha form (--llm ...): the -hf loader reads full-precision weights")
+        raise CliError("--load-in-4bit needs the alpha form (--llm ...): the -hf loader reads "
+                       "full-precision weights")
     device, dtype = _placement(args)
     name = args.model or DEFAULT_MODEL
     try:
         if alpha:
-            model = LlamaVision.from_alpha(args.llm, args.vision or REAL_VISION, args.projector or REAL_PROJECTOR,
+            model = LlamaVision.from_alpha(args.llm, args.vision or REAL_VISION,
+                                           args.projector or REAL_PROJECTOR,
                                            dtype=dtype, device=device, load_in_4bit=args.load_in_4bit)
             return model, load_tokenizer(args.llm)
         if name in ("mini", "tiny"):
@@ -130,7 +141,8 @@ def _load_model(args):
             from ..miniature.stand_ins import load_tiny
 
             model, tokenizer = load_mini() if name == "mini" else load_tiny()
-            return model.to(device=device, dtype=dtype or choose_dtype(device, model.text_model.dtype)), tokenizer
+            return (model.to(device=device, dtype=dtype or choose_dtype(device, model.text_model.dtype)),
+                    tokenizer)
         return LlamaVision.from_pretrained(name, dtype=dtype, device=device), load_tokenizer(name)
     except (ValueError, OSError) as error:
         raise CliError(f"could not load model {args.llm or name!r}: {str(error).splitlines()[0]}") from None
@@ -163,7 +175,8 @@ def export(args):
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CliError(f"--out {out} exists and {'is not empty' if out.is_dir() else 'is a file'}; choose a new folder")
+        raise CliError(f"--out {out} exists and {'is not empty' if out.is_dir() else 'is a file'}; "
+                       "choose a new folder")
     gguf_dtype = None
     if args.format == "gguf":
         gguf_dtype = _gguf_options(args)
@@ -188,8 +201,8 @@ def _gguf_options(args):
     if args.vllm_names:
         raise CliError("--vllm-names belongs to --format llava")
     if args.load_in_4bit:
-        raise CliError("--format gguf writes full-precision weights: drop --load-in-4bit and quantise model.gguf "
-                       "with llama.cpp's llama-quantize")
+        raise CliError("--format gguf writes full-precision weights: drop --load-in-4bit and quantise "
+                       "model.gguf with llama.cpp's llama-quantize")
     if args.dtype not in (None, *GGUF_DTYPES):
         raise CliError(f"--format gguf writes f32 or f16, not {args.dtype}")
     if importlib.util.find_spec("gguf") is None:

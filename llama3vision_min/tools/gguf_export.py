@@ -1,4 +1,5 @@
-"""The model as two GGUF files for llama.cpp: ``model.gguf`` (the LLM) and ``mmproj.gguf`` (SigLIP + projector).
+"""The model as two GGUF files for llama.cpp: ``model.gguf`` (the LLM) and ``mmproj.gguf`` (SigLIP +
+projector).
 
     python -m llama3vision_min export --format gguf --out DIR [--model ...] [--dtype f32|f16]
 
@@ -40,7 +41,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 
 def export_gguf(model, tokenizer, out, dtype="f16"):
-    """Write ``out/model.gguf`` and ``out/mmproj.gguf``; returns their paths. Existing files are not overwritten."""
+    """Write ``out/model.gguf`` and ``out/mmproj.gguf``; returns their paths. Existing files are not
+    overwritten."""
     import gguf  # noqa: F401 -- fail before anything is written when the package is missing
 
     if dtype not in DTYPES:
@@ -63,8 +65,8 @@ def check_exportable(model):
     text, vision = model.text_model.config, model.vision_model.config
     if getattr(model.text_model, "is_quantized", False) or getattr(text, "quantization_config", None):
         raise ValueError("GGUF export needs the full-precision weights, but this model was loaded quantised "
-                         "(4-bit or 8-bit): load it without load_in_4bit/load_in_8bit and quantise the written "
-                         "model.gguf with llama.cpp's llama-quantize")
+                         "(4-bit or 8-bit): load it without load_in_4bit/load_in_8bit and quantise the "
+                         "written model.gguf with llama.cpp's llama-quantize")
     if text.model_type != "llama" or getattr(text, "hidden_act", "silu") != "silu":
         raise ValueError(f"GGUF export writes a Llama LLM (silu), got {text.model_type!r}")
     if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
@@ -115,7 +117,8 @@ def write_llm(text_model, vocabulary, path, dtype):
         parts = {
             gguf.MODEL_TENSOR.ATTN_NORM: state[layer + "input_layernorm.weight"],
             gguf.MODEL_TENSOR.ATTN_Q: interleave_rope_rows(state[layer + "self_attn.q_proj.weight"], heads),
-            gguf.MODEL_TENSOR.ATTN_K: interleave_rope_rows(state[layer + "self_attn.k_proj.weight"], kv_heads),
+            gguf.MODEL_TENSOR.ATTN_K: interleave_rope_rows(state[layer + "self_attn.k_proj.weight"],
+                                                           kv_heads),
             gguf.MODEL_TENSOR.ATTN_V: state[layer + "self_attn.v_proj.weight"],
             gguf.MODEL_TENSOR.ATTN_OUT: state[layer + "self_attn.o_proj.weight"],
             gguf.MODEL_TENSOR.FFN_NORM: state[layer + "post_attention_layernorm.weight"],
@@ -147,7 +150,8 @@ def halve_rope_rows(weight, n_heads):
 
 
 def _rope(config):
-    """``(theta, factors)``: RoPE's base, and for Llama 3.1's scaling the per-frequency divisors (else None)."""
+    """``(theta, factors)``: RoPE's base, and for Llama 3.1's scaling the per-frequency divisors
+    (else None)."""
     from ..scratch.llama import rope_frequencies, rope_settings
 
     theta, kind, _ = rope_settings(config)  # refuses rope types other than these two
@@ -188,16 +192,19 @@ def tokenizer_vocabulary(tokenizer, vocab_size):
     spec = json.loads(backend.to_str())
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError("GGUF export writes byte-level BPE tokenizers (as Llama 3's), got a "
-                         f"{spec['model']['type']} model with a {(spec.get('decoder') or {}).get('type')} decoder")
+                         f"{spec['model']['type']} model with a "
+                         f"{(spec.get('decoder') or {}).get('type')} decoder")
     tokens = {index: text for text, index in spec["model"]["vocab"].items()}
     special = {}
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         special[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
     if max(tokens) >= vocab_size:
-        raise ValueError(f"the tokenizer has ids up to {max(tokens)}, the LLM's embedding only {vocab_size} rows")
+        raise ValueError(f"the tokenizer has ids up to {max(tokens)}, "
+                         f"the LLM's embedding only {vocab_size} rows")
     names = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    types = [int(special.get(i, TokenType.NORMAL if i in tokens else TokenType.UNUSED)) for i in range(vocab_size)]
+    types = [int(special.get(i, TokenType.NORMAL if i in tokens else TokenType.UNUSED))
+             for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
@@ -223,7 +230,8 @@ def _pre_tokenizer(spec):
 
 # -- the vision file -------------------------------------------------------------------------
 def write_vision(model, path, dtype, feature_layer=-2):
-    """``mmproj.gguf``: SigLIP's tower (all layers, no post-LayerNorm) and the projector, as llama.cpp's clip reads them.
+    """``mmproj.gguf``: SigLIP's tower (all layers, no post-LayerNorm) and the projector, as llama.cpp's
+    clip reads them.
 
     ``feature_layer``: the hidden state that feeds the projector, counted as transformers counts
     ``hidden_states`` (this model: -2; the tests write -3, the old converter's mistake, to see it matter).
@@ -253,7 +261,8 @@ def write_vision(model, path, dtype, feature_layer=-2):
     # hidden_states has N + 1 entries (the embeddings, then each layer): [-2] is layer N - 1's output
     writer.add_array("clip.vision.feature_layer", [layers + 1 + feature_layer])
 
-    state = {key.removeprefix("vision_model."): tensor for key, tensor in model.vision_model.state_dict().items()}
+    state = {key.removeprefix("vision_model."): tensor
+             for key, tensor in model.vision_model.state_dict().items()}
     names, kinds = gguf.TENSOR_NAMES, gguf.MODEL_TENSOR
     tensors = [(names[kinds.V_ENC_EMBD_PATCH] + ".weight", state["embeddings.patch_embedding.weight"]),  # 4-D
                (names[kinds.V_ENC_EMBD_PATCH] + ".bias", state["embeddings.patch_embedding.bias"]),
@@ -265,11 +274,13 @@ def write_vision(model, path, dtype, feature_layer=-2):
     for i in range(layers):
         for kind, ours in parts.items():
             for suffix in ("weight", "bias"):
-                tensors.append((f"{names[kind].format(bid=i)}.{suffix}", state[f"encoder.layers.{i}.{ours}.{suffix}"]))
+                tensors.append((f"{names[kind].format(bid=i)}.{suffix}",
+                                state[f"encoder.layers.{i}.{ours}.{suffix}"]))
     projector = model.mm_projector.state_dict()  # model.0.* and model.2.*: Linear, GELU, Linear
     for index in (0, 2):
         for suffix in ("weight", "bias"):
-            tensors.append((f"{names[kinds.V_MMPROJ].format(bid=index)}.{suffix}", projector[f"model.{index}.{suffix}"]))
+            tensors.append((f"{names[kinds.V_MMPROJ].format(bid=index)}.{suffix}",
+                            projector[f"model.{index}.{suffix}"]))
     _write(writer, tensors, dtype, float32_names=(names[kinds.V_ENC_EMBD_POS] + ".weight",))
 
 

@@ -82,7 +82,8 @@ class LlamaCppVision:
         return chosen[:max_tokens]  # llama-cpp-python may pick a few more while it completes a character
 
     def first_token_logits(self, image, question):
-        """(vocab,) float32: the logits at the prompt's last position (llama.cpp keeps the last ones computed)."""
+        """(vocab,) float32: the logits at the prompt's last position (llama.cpp keeps the last ones
+        computed)."""
         import llama_cpp
 
         self._chat(image, question, max_tokens=1)  # the prompt is evaluated; the sampled token is not
@@ -113,12 +114,14 @@ class LlamaCppVision:
             if m.mtmd_encode_chunk(self.handler.mtmd_ctx, chunk) != 0:
                 raise ValueError("llama.cpp could not encode the picture")
             out = m.mtmd_get_output_embd(self.handler.mtmd_ctx)
-            return np.ctypeslib.as_array(out, shape=(n_tokens * self.llm.n_embd(),)).reshape(n_tokens, -1).copy()
+            return (np.ctypeslib.as_array(out, shape=(n_tokens * self.llm.n_embd(),))
+                    .reshape(n_tokens, -1).copy())
         finally:
             m.mtmd_input_chunk_free(chunk)
 
     def _chunks(self, text, image, add_special, keep_image=False):
-        """mtmd's tokenization of ``text`` (with its marker) and ``image``: [("text", ids) | ("image", chunk)]."""
+        """mtmd's tokenization of ``text`` (with its marker) and ``image``:
+        [("text", ids) | ("image", chunk)]."""
         m = self.handler._mtmd_cpp
         if self.handler.mtmd_ctx is None:
             self.handler._init_mtmd_context(self.llm)

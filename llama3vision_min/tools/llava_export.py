@@ -6,7 +6,8 @@
     ----                                         -----
     vision_model (SigLIP), hidden_states[-2]     vision_tower, vision_feature_layer=-2
     all 729 patches (SigLIP has no CLS token)    vision_feature_select_strategy="full"
-    mm_projector.model.0 / GELU / .model.2       multi_modal_projector.linear_1 / "gelu" / linear_2 (with biases)
+    mm_projector.model.0 / GELU / .model.2       multi_modal_projector.linear_1 / "gelu" / linear_2
+                                                 (with biases)
     text_model (Llama 3)                         language_model + lm_head
     one -200 sentinel, spliced into 729 rows     one real vocabulary id repeated 729 times in input_ids
 
@@ -49,7 +50,8 @@ from ..image import make_processor
 from ..model import with_legacy_rope
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
-"""The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it too)."""
+"""The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it
+too)."""
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -81,16 +83,19 @@ def chat_template(image_token=IMAGE_TOKEN):
 
 
 def image_token_id(tokenizer, text_model, image_token=IMAGE_TOKEN):
-    """The id of ``image_token``: it must already be a special token of the vocabulary (nothing is resized)."""
+    """The id of ``image_token``: it must already be a special token of the vocabulary (nothing is
+    resized)."""
     vocab = tokenizer.get_vocab()
     if image_token not in vocab:
-        raise ValueError(f"the tokenizer has no {image_token!r}; pick a reserved special token it already has")
+        raise ValueError(f"the tokenizer has no {image_token!r}; "
+                         "pick a reserved special token it already has")
     token_id = vocab[image_token]
     n_embeddings = text_model.get_input_embeddings().weight.shape[0]
     if not 0 <= token_id < n_embeddings:
         raise ValueError(f"{image_token!r} has id {token_id}, outside the {n_embeddings} input embeddings")
     if tokenizer(image_token, add_special_tokens=False).input_ids != [token_id]:
-        raise ValueError(f"{image_token!r} is not tokenized as one special token; the processor could not find it")
+        raise ValueError(f"{image_token!r} is not tokenized as one special token; "
+                         "the processor could not find it")
     return token_id
 
 
@@ -123,7 +128,8 @@ def llava_config(model, tokenizer, image_token=IMAGE_TOKEN):
 # -- weights ------------------------------------------------------------------------------
 def _siglip_state(model):
     """SigLIP weights with flat keys (``embeddings.patch_embedding.weight``) on any transformers version."""
-    return {key.removeprefix("vision_model."): tensor for key, tensor in model.vision_model.state_dict().items()}
+    return {key.removeprefix("vision_model."): tensor
+            for key, tensor in model.vision_model.state_dict().items()}
 
 
 def _projector_state(model):
@@ -190,8 +196,10 @@ def to_llava(model, tokenizer, image_token=IMAGE_TOKEN):
     vision = _child(llava, "model.vision_tower", "vision_tower")
     projector = _child(llava, "model.multi_modal_projector", "multi_modal_projector")
     decoder = _child(llava, "model.language_model", "language_model.model", "language_model")
-    nested = any(key.startswith("vision_model.") for key in vision.state_dict())  # transformers 4.x nests SigLIP
-    vision.load_state_dict({"vision_model." * nested + key: tensor for key, tensor in _siglip_state(model).items()},
+    # transformers 4.x nests SigLIP
+    nested = any(key.startswith("vision_model.") for key in vision.state_dict())
+    vision.load_state_dict({"vision_model." * nested + key: tensor
+                            for key, tensor in _siglip_state(model).items()},
                            strict=True, assign=True)
     projector.load_state_dict(_projector_state(model), strict=True, assign=True)
     decoder.load_state_dict(model.text_model.get_decoder().state_dict(), strict=True, assign=True)
@@ -223,7 +231,8 @@ def _template_tokenizer(tokenizer, template):
 
 
 def llava_processor(model, tokenizer, image_token=IMAGE_TOKEN):
-    """A ``LlavaProcessor``: SigLIP image processor at the tower's size + a copy of the tokenizer with the template."""
+    """A ``LlavaProcessor``: SigLIP image processor at the tower's size + a copy of the tokenizer with the
+    template."""
     from transformers import LlavaProcessor
 
     template = chat_template(image_token)
@@ -263,7 +272,8 @@ def export_llava(model, tokenizer, out_dir, vllm_names=False, image_token=IMAGE_
     loader reads (see the module docstring); transformers reads those as well. Weights keep
     their dtype. Returns the folder as a ``Path``.
     """
-    llava = to_llava(model, tokenizer, image_token)  # refuses what it cannot express before anything is written
+    # refuses what it cannot express before anything is written
+    llava = to_llava(model, tokenizer, image_token)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if vllm_names:

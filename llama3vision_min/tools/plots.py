@@ -18,7 +18,8 @@ def show_answers(pictures, titles, colours=None, width=3):
     fig, axes = plt.subplots(1, len(pictures), figsize=(width * len(pictures), 3.4))
     for i, (ax, picture, title) in enumerate(zip(np.atleast_1d(axes), pictures, titles)):
         ax.imshow(picture)
-        ax.set_title(title, fontsize=8 if title.count("\n") > 1 else 9, color=colours[i] if colours else "black")
+        ax.set_title(title, fontsize=8 if title.count("\n") > 1 else 9,
+                     color=colours[i] if colours else "black")
         ax.axis("off")
     plt.tight_layout()
     plt.show()
@@ -39,7 +40,8 @@ def token_table(tokenizer, ids, sentinel_id):
             token = repr(tokenizer.convert_ids_to_tokens(token_id))
         # the text colour is set with the background: Colab's dark theme would otherwise write light on pastel
         rows.append(f"<tr style='background:{colour};color:#111'><td>{position}</td>"
-                    f"<td><code style='background:none;color:#111'>{token}</code></td><td>{token_id}</td></tr>")
+                    f"<td><code style='background:none;color:#111'>{token}</code></td>"
+                    f"<td>{token_id}</td></tr>")
     return HTML("<table><tr><th>position</th><th>token</th><th>id</th></tr>" + "".join(rows) + "</table>")
 
 
@@ -101,8 +103,8 @@ def show_norms(word_norms, image_norms):
     for norms, colour, label in ((word_norms, "tab:blue", "word embeddings"),
                                  (image_norms, "tab:orange", "projected image rows")):
         median = norms.median().item()
-        ax.hist(norms.numpy(), bins=bins, weights=np.full(len(norms), 1 / len(norms)), color=colour, alpha=0.7,
-                label=f"{label} ({len(norms):,}; median {median:.2f})")
+        ax.hist(norms.numpy(), bins=bins, weights=np.full(len(norms), 1 / len(norms)), color=colour,
+                alpha=0.7, label=f"{label} ({len(norms):,}; median {median:.2f})")
         ax.axvline(median, color=colour, linestyle="--")
     ratio = image_norms.median().item() / word_norms.median().item()
     ax.set(xlabel="L2 norm (length of the vector), log scale", xscale="log", ylabel="share of the rows",
@@ -149,16 +151,19 @@ def show_causal_mask(causal, key_part, edges):
     for edge in edges:
         ax.axvline(edge, color="black", lw=0.6)
         ax.axhline(edge, color="black", lw=0.6)
-    ax.set_title("causal mask: query row attends to key column\n(blue: text before, orange: image, green: text after)")
+    ax.set_title("causal mask: query row attends to key column\n"
+                 "(blue: text before, orange: image, green: text after)")
     ax.set(xlabel="key position", ylabel="query position")
     plt.show()
 
 
 def show_padding(batches):
-    """Attention masks and position ids of padded batches side by side: ``batches`` maps a name to a ``SplicedBatch``."""
+    """Attention masks and position ids of padded batches side by side: ``batches`` maps a name to a
+    ``SplicedBatch``."""
     fig, axes = plt.subplots(2, len(batches), figsize=(12, 3.8), layout="constrained")
     for column, (name, batch) in enumerate(batches.items()):
-        axes[0, column].imshow(batch.attention_mask.cpu().numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1)
+        axes[0, column].imshow(batch.attention_mask.cpu().numpy(), aspect="auto", cmap="Greys",
+                               vmin=0, vmax=1)
         axes[0, column].set_title(f"{name} padding: attention_mask (white = padding)")
         shown = axes[1, column].imshow(batch.position_ids.cpu().numpy(), aspect="auto", cmap="viridis")
         axes[1, column].set_title(f"{name} padding: position_ids")
@@ -207,7 +212,8 @@ def show_rope(angles, n_positions=64):
                                    layout="constrained", width_ratios=(1, 1))
     shown = axes["heat"].imshow(wrap_angles(angles).T.numpy(), aspect="auto", cmap="twilight",
                                 vmin=-np.pi, vmax=np.pi)
-    axes["heat"].set(xlabel="position", ylabel="frequency pair (fast -> slow)", title="rotation angle of each pair")
+    axes["heat"].set(xlabel="position", ylabel="frequency pair (fast -> slow)",
+                     title="rotation angle of each pair")
     fig.colorbar(shown, ax=axes["heat"], fraction=0.046, label="angle (radians)")
     turn = 2 * np.pi / (angles[1] - angles[0]).numpy()  # positions per full turn, per pair
     for row, pair in enumerate(pairs):
@@ -215,8 +221,8 @@ def show_rope(angles, n_positions=64):
         ax.plot(np.cos(angles[:, pair].numpy()), lw=1.6, color=f"C{row}")
         ax.set_ylim(-1.25, 1.25)
         ax.set_yticks([-1, 0, 1])
-        ax.set_ylabel(f"pair {pair}\none turn in\n{turn[pair]:,.0f}\npositions", rotation=0, ha="right", va="center",
-                      fontsize=8, color=f"C{row}")
+        ax.set_ylabel(f"pair {pair}\none turn in\n{turn[pair]:,.0f}\npositions", rotation=0, ha="right",
+                      va="center", fontsize=8, color=f"C{row}")
         if row < len(pairs) - 1:
             ax.tick_params(labelbottom=False)
     axes[f"pair {pairs[0]}"].set_title("cos(angle) of 4 pairs: fast pairs turn, slow ones stay flat")
@@ -245,7 +251,8 @@ def show_attention_weights(weights, titles, edges=(), title=None):
             ax.text(sum(edges) / 2, 0.03 * panel.shape[1], "the picture's rows", ha="center", va="top",
                     fontsize=8, color="black")
         ax.set(xlabel="key position (looked at)", ylabel="query position (looking)", title=panel_title)
-    fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.03, label="attention weight (log scale; grey: masked)")
+    fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.03,
+                 label="attention weight (log scale; grey: masked)")
     if title:
         fig.suptitle(title)
     plt.show()
@@ -263,7 +270,8 @@ def _square(picture, size=256):
 
 
 def _word_label(word):
-    """A token as a legend writes it: quoted, or "a byte piece" for part of a character (decoded as U+FFFD)."""
+    """A token as a legend writes it: quoted, or "a byte piece" for part of a character (decoded as
+    U+FFFD)."""
     return "a byte piece" if "\ufffd" in str(word) else repr(str(word))
 
 
@@ -438,8 +446,9 @@ def show_llm_answers(pictures, questions, expected, answers, title=None):
         ax.axis("off")
         for row, (name, said) in enumerate(answers.items()):
             right = said[i] == expected[i]
-            ax.text(0.5, -0.06 - 0.12 * row, f"{name}: {said[i]} {'✓' if right else '✗'}", transform=ax.transAxes,
-                    ha="center", va="top", fontsize=9, color=RIGHT_COLOUR if right else WRONG_COLOUR)
+            ax.text(0.5, -0.06 - 0.12 * row, f"{name}: {said[i]} {'✓' if right else '✗'}",
+                    transform=ax.transAxes, ha="center", va="top", fontsize=9,
+                    color=RIGHT_COLOUR if right else WRONG_COLOUR)
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(bottom=0.08 + 0.075 * len(answers), top=0.78, wspace=0.25)

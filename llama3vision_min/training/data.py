@@ -31,8 +31,10 @@ def caption_example(conversation):
     if not isinstance(conversation, list) or not all(isinstance(turn, dict) for turn in conversation):
         raise ValueError(f"expected 'conversations' to be a list of turns ({{'from': ..., 'value': ...}}), "
                          f"got {conversation!r:.80}")
-    if len(conversation) != 2 or conversation[0].get("from") != "human" or conversation[1].get("from") != "gpt":
-        raise ValueError(f"expected a human turn then a gpt turn, got {[turn.get('from') for turn in conversation]}")
+    if len(conversation) != 2 or conversation[0].get("from") != "human" \
+            or conversation[1].get("from") != "gpt":
+        raise ValueError("expected a human turn then a gpt turn, "
+                         f"got {[turn.get('from') for turn in conversation]}")
     if not all(isinstance(turn.get("value"), str) for turn in conversation):
         raise ValueError("expected each turn's 'value' to be text")
     question = conversation[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
@@ -89,7 +91,8 @@ class LlavaPretrain(torch.utils.data.Dataset):
 
 
 def example_ids(question, answer, tokenizer):
-    """``(input_ids, labels)``, 1-D: the prompt with its ``-200`` sentinel, then the answer and ``<|eot_id|>``.
+    """``(input_ids, labels)``, 1-D: the prompt with its ``-200`` sentinel, then the answer and
+    ``<|eot_id|>``.
 
     Labels are ``IGNORE_INDEX`` on the prompt, so the loss is on the answer (and the end of
     turn, so the model learns to stop). The answer is tokenized apart from the prompt, the
@@ -97,7 +100,8 @@ def example_ids(question, answer, tokenizer):
     Question and caption are read as text, special-token strings included (``token_split.prompt_ids``).
     """
     prompt = prompt_ids(chat_segments([(question, None)]), tokenizer)  # (L_prompt,) with one -200
-    answer_ids = prompt_ids([("text", answer), ("template", EOT_TOKEN)], tokenizer, continuation=True)  # (L_answer,)
+    answer_ids = prompt_ids([("text", answer), ("template", EOT_TOKEN)], tokenizer,
+                            continuation=True)  # (L_answer,)
     input_ids = torch.cat([prompt, answer_ids])
     labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer_ids])
     return input_ids, labels

@@ -5,7 +5,8 @@ SigLIP so400m and Llama 3 are frozen, a fresh ``ProjectionModule`` learns to tur
 features into vectors the LLM reads, and the loss is the LLM's cross-entropy on the
 caption tokens only (the examples: ``data.py``).
 
-    python -m llama3vision_min.training.stage1 --data blip_laion_cc_sbu_558k.json --images images/ --out runs/stage1
+    python -m llama3vision_min.training.stage1 --data blip_laion_cc_sbu_558k.json --images images/ \\
+        --out runs/stage1
     accelerate launch --num_processes 8 -m llama3vision_min.training.stage1 --data ... --images ... --out ...
 
 Defaults are the LLaVA stage-1 recipe: lr 1e-3, global batch 256 (through gradient
@@ -17,8 +18,9 @@ The result is ``OUT/mm_projector.safetensors`` with the official key names, whic
 
 The real run needs a GPU and the Hub (Colab or a GPU server). The same command runs on a CPU,
 slowly, and offline on the fake Hub of ``tests/fake_hub.py`` (a trial of two updates runs in the
-tests); the tests also run collation, masking, accumulation and optimizer steps on the tiny stand-ins. The miniature's stage C (``llama3vision_min.miniature.stages``) is this
-recipe at toy size, with the frozen tower's features cached.
+tests); the tests also run collation, masking, accumulation and optimizer steps on the tiny
+stand-ins. The miniature's stage C (``llama3vision_min.miniature.stages``) is this recipe at toy
+size, with the frozen tower's features cached.
 """
 
 import argparse
@@ -52,7 +54,8 @@ def save_projector(projector, out):
 
 
 def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_device_batch=16, epochs=1,
-                 warmup_ratio=0.03, mixed_precision="bf16", max_steps=None, num_workers=0, seed=0, progress=True):
+                 warmup_ratio=0.03, mixed_precision="bf16", max_steps=None, num_workers=0, seed=0,
+                 progress=True):
     """Train ``model.mm_projector`` on ``dataset`` with everything else frozen; returns the loss per update.
 
     ``accelerate`` places the model, splits batches across processes and accumulates
@@ -69,24 +72,28 @@ def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_
     if global_batch % per_update:
         raise ValueError(f"global_batch ({global_batch}) must be a multiple of per_device_batch x processes "
                          f"({per_device_batch} x {processes})")
-    accelerator = Accelerator(gradient_accumulation_steps=global_batch // per_update, mixed_precision=mixed_precision)
+    accelerator = Accelerator(gradient_accumulation_steps=global_batch // per_update,
+                              mixed_precision=mixed_precision)
     set_seed(seed)
 
     params = freeze_all_but_projector(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_device_batch, shuffle=True, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_device_batch, shuffle=True,
+                                         num_workers=num_workers,
                                          collate_fn=Collator(tokenizer, model.preprocess))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     updates = math.ceil(len(loader) / accelerator.gradient_accumulation_steps) * epochs
     if max_steps:
         updates = min(updates, max_steps)
     # A prepared scheduler advances once per process at each update, hence the factor.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * updates) * accelerator.num_processes,
+    scheduler = get_cosine_schedule_with_warmup(optimizer,
+                                                math.ceil(warmup_ratio * updates) * accelerator.num_processes,
                                                 updates * accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
 
     losses, window = [], []
-    bar = tqdm(total=updates, desc="stage 1 (projector)", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=updates, desc="stage 1 (projector)",
+               disable=not (progress and accelerator.is_main_process))
     for _epoch in range(epochs):
         for batch in loader:
             with accelerator.accumulate(model):
@@ -114,7 +121,8 @@ def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_
 
 # -- command line --------------------------------------------------------------------------------
 def _positive_int(text):
-    """argparse type: a whole number >= 1 (the command lines of the miniature and of ``tools/cli.py`` use it too)."""
+    """argparse type: a whole number >= 1 (the command lines of the miniature and of ``tools/cli.py`` use
+    it too)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -130,19 +138,22 @@ def _positive_float(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m llama3vision_min.training.stage1", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llama3vision_min.training.stage1",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json)")
     parser.add_argument("--images", required=True, help="folder the JSON's picture paths are relative to")
     parser.add_argument("--out", required=True, help="where mm_projector.safetensors is written")
     parser.add_argument("--llm", default="unsloth/llama-3-8b-Instruct",
-                        help="the frozen LLM (default: %(default)s, an ungated copy of Meta-Llama-3-8B-Instruct)")
+                        help="the frozen LLM (default: %(default)s, "
+                             "an ungated copy of Meta-Llama-3-8B-Instruct)")
     parser.add_argument("--vision", default="google/siglip-so400m-patch14-384")
     parser.add_argument("--lr", type=_positive_float, default=1e-3)
     parser.add_argument("--global-batch", type=_positive_int, default=256)
     parser.add_argument("--per-device-batch", type=_positive_int, default=16)
     parser.add_argument("--epochs", type=_positive_int, default=1)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many updates (trial runs)")
+    parser.add_argument("--max-steps", type=_positive_int, default=None,
+                        help="stop after this many updates (trial runs)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N examples")
     parser.add_argument("--load-in-4bit", action="store_true", help="the frozen LLM in 4-bit (bitsandbytes)")
     parser.add_argument("--num-workers", type=int, default=4)
@@ -193,8 +204,8 @@ def main(argv=None):
     model.mm_projector.float()  # trained in float32 under autocast, as LLaVA does
     losses = train_stage1(model, dataset, tokenizer, args.out, lr=args.lr, global_batch=args.global_batch,
                           per_device_batch=args.per_device_batch, epochs=args.epochs,
-                          warmup_ratio=args.warmup_ratio, mixed_precision=mixed_precision, max_steps=args.max_steps,
-                          num_workers=args.num_workers, seed=args.seed)
+                          warmup_ratio=args.warmup_ratio, mixed_precision=mixed_precision,
+                          max_steps=args.max_steps, num_workers=args.num_workers, seed=args.seed)
     print(f"{len(losses)} updates, loss {losses[0]:.3f} -> {losses[-1]:.3f}; projector in {args.out}")
     return 0
 
