@@ -49,7 +49,9 @@ def to_rgb(image):
     * transparency (alpha, or a palette's transparent colour) is composited onto white;
     * 16-bit and 32-bit integer pictures are scaled from 0..65535 to 0..255; float pictures are read
       as 0..1 when all their values lie there, else as 0..255 (clipped);
-    * an empty picture, or one over PIL's ``MAX_IMAGE_PIXELS`` (a decompression bomb), is refused.
+    * an empty picture, one over PIL's ``MAX_IMAGE_PIXELS`` (a decompression bomb), one whose file is
+      damaged (read lazily, a truncated PNG fails only here) and PostScript (which Pillow hands to
+      Ghostscript, a program of its own) are refused.
 
     On an opaque 8-bit picture this is the original's ``convert("RGB")``.
     """
@@ -62,6 +64,12 @@ def to_rgb(image):
     if limit and width * height > limit:
         raise ValueError(f"refusing a {width} x {height} picture: more than PIL's MAX_IMAGE_PIXELS ({limit}) "
                          "pixels, as a decompression bomb would be")
+    if image.format in ("EPS", "PS"):
+        raise ValueError(f"refusing a {image.format} picture: Pillow reads PostScript by running Ghostscript")
+    try:
+        image.load()  # a file opened lazily is read here: damage shows now, not inside the processor
+    except OSError as error:
+        raise ValueError(f"the picture cannot be read: {error}") from None
     image = PIL.ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _to_8_bit(image)

@@ -260,7 +260,7 @@ def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=Fal
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantized, llm_kwargs = load_in_4bit or load_in_8bit, {"dtype": dtype}
+    quantized, llm_kwargs = load_in_4bit or load_in_8bit, {"dtype": dtype, "trust_remote_code": False}
     if quantized:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("4-bit/8-bit loading needs bitsandbytes (0.49 or newer also runs on a CPU): "

@@ -252,7 +252,7 @@ def stored_dtype(llm):
     """The dtype an LLM's ``config.json`` says its weights are stored in (None when it does not say)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(llm)
+    config = AutoConfig.from_pretrained(llm, trust_remote_code=False)  # never a folder's own code
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # torch_dtype in 4.x
     return getattr(torch, stored) if isinstance(stored, str) else stored
 

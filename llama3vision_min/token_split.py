@@ -38,6 +38,7 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
         raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    _check_utf8(prompt)
 
     chunks = prompt.split(IMAGE_PLACEHOLDER)
     chunk_ids = [list(tokenizer(chunk).input_ids) for chunk in chunks]
@@ -68,12 +69,23 @@ def prompt_ids(segments, tokenizer, special_tokens_in_text=False, continuation=F
         return torch.tensor(_without_bos(ids, tokenizer) if continuation else ids, dtype=torch.long)
     ids = []
     for kind, text in segments:
+        _check_utf8(text)
         if kind == "image":
             ids.append(image_token_index)
         else:
             piece = list(tokenizer(text, split_special_tokens=(kind == "text")).input_ids)
             ids += _without_bos(piece, tokenizer) if ids or continuation else piece
     return torch.tensor(ids, dtype=torch.long)  # (seq_len,)
+
+
+def _check_utf8(text):
+    """Refuse text a tokenizer cannot encode: a lone surrogate (e.g. ``"\\udce9"``, what Python makes of
+    bytes that are not UTF-8) is not a character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the text is not valid UTF-8: {text[error.start]!r} at position {error.start} "
+                         "is a lone surrogate, not a character") from None
 
 
 def _without_bos(ids, tokenizer):

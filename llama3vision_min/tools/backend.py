@@ -184,7 +184,7 @@ def load_backend(choice=None, parts=PARTS):
             from transformers import AutoTokenizer
 
             model, where = load_real_model()
-            return Backend(name, model, AutoTokenizer.from_pretrained(REAL_LLM),
+            return Backend(name, model, AutoTokenizer.from_pretrained(REAL_LLM, trust_remote_code=False),
                            f"Llama-3-8B-Instruct ({where}) + SigLIP so400m + the official projector", reason)
         if "vision" in parts:
             model, where = load_real_vision()

@@ -80,6 +80,11 @@ def _parser():
     return parser
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+"""The picture formats ``ask --image`` opens: never PostScript, which Pillow renders by running
+Ghostscript."""
+
+
 def _open_image(path):
     import warnings
 
@@ -88,15 +93,18 @@ def _open_image(path):
     path = Path(path)
     if not path.is_file():
         raise CliError(f"image not found: {path}")
+    Image.init()  # every format plugin registered, so that ``formats`` can name them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not just warned about
-            with Image.open(path) as image:
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
                 image.load()
                 return image.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise CliError(f"refusing {path}: {error}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except UnidentifiedImageError:
+        raise CliError(f"not a picture in a format this reads ({', '.join(IMAGE_FORMATS)}): {path}") from None
+    except OSError as error:
         raise CliError(f"not a readable image: {path} ({type(error).__name__})") from None
 
 

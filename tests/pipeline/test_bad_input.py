@@ -118,6 +118,45 @@ def test_exif_orientation_is_applied(tmp_path):
         assert to_rgb(photo).size == (20, 40)
 
 
+EPS = "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+"""A PostScript picture: Pillow reads its header itself, but renders it by running Ghostscript."""
+
+
+def test_a_postscript_picture_is_refused_before_ghostscript_could_run(tiny, tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    model, tokenizer = tiny
+    (tmp_path / "drawing.eps").write_text(EPS)
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    with Image.open(tmp_path / "drawing.eps") as drawing:
+        refused(lambda: model.answer_question(drawing, Q, tokenizer, max_new_tokens=1), "EPS", "Ghostscript")
+    assert ran == []
+
+
+def test_a_truncated_file_opened_lazily_is_refused_with_a_value_error(tiny, tmp_path):
+    model, tokenizer = tiny
+    make_image(size=(60, 40)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "half.png").write_bytes(data[: len(data) // 2])  # a download cut short
+    with Image.open(tmp_path / "half.png") as half:  # PIL reads the header only
+        refused(lambda: model.answer_question(half, Q, tokenizer, max_new_tokens=1), "cannot be read",
+                "truncated")
+
+
+def test_a_palettes_transparent_index_that_no_pixel_uses_changes_nothing(tiny):
+    """Decided: transparent pixels become white (as on a white page); a transparency index that no pixel
+    uses leaves the picture, and so the answer, exactly as without it."""
+    model, tokenizer = tiny
+    plain = make_image("RGB", (24, 24), seed=4).convert("P", palette=Image.Palette.ADAPTIVE, colors=200)
+    marked = plain.copy()
+    marked.info["transparency"] = 250  # beyond the 200 colours the pixels use
+    assert to_rgb(marked).tobytes() == to_rgb(plain).tobytes()
+    answers = [model.answer_question(picture, Q, tokenizer, do_sample=False, max_new_tokens=4).tolist()
+               for picture in (plain, marked)]
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("size", [(1, 1), (1000, 1), (1, 700)], ids=["1x1", "1000x1", "1x700"])
 def test_tiny_and_thin_pictures_are_answered(tiny, size):
     model, tokenizer = tiny
@@ -132,6 +171,17 @@ def test_a_question_that_is_not_text(tiny, question):
     model, tokenizer = tiny
     refused(lambda: model.answer_question(make_image(), question, tokenizer, max_new_tokens=1),
             "pairs of strings", repr(question))
+
+
+@pytest.mark.parametrize("ask", [
+    lambda model, tok: model.answer_question(make_image(), "caf\udce9?", tok, max_new_tokens=1),
+    lambda model, tok: model.chat(make_image(), tok, max_new_tokens=1).ask("\ud800"),
+    lambda model, tok: tokenizer_image_token(build_prompt("caf\udce9?"), tok),
+], ids=["question", "chat", "original-api"])
+def test_a_question_holding_a_lone_surrogate_is_refused(tiny, ask):
+    """What Python makes of bytes that are not UTF-8: the tokenizer would raise its own TypeError."""
+    model, tokenizer = tiny
+    refused(lambda: ask(model, tokenizer), "not valid UTF-8", "lone surrogate")
 
 
 def test_a_string_where_a_list_of_questions_belongs_is_refused(tiny):

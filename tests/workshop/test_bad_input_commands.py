@@ -53,18 +53,77 @@ def test_cli_a_question_holding_the_image_placeholder_is_answered(ask, tmp_path)
     assert code == 0 and captured.out.strip() and captured.err.count("error") == 0
 
 
-def test_cli_reads_a_photo_the_way_it_is_shown(ask, tiny, tmp_path):
-    """EXIF orientation applied: the answer about the rotated file is the answer about the upright picture."""
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_cli_reads_a_photo_the_way_it_is_shown(ask, tiny, tmp_path, suffix):
+    """EXIF orientation applied: the answer about the rotated file is the answer about the upright picture
+    (lossless, so that the two are the same pixels: JPEG at its best quality, WebP lossless)."""
     model, tokenizer = tiny
-    upright = make_image("RGB", (40, 20), seed=5)
+    upright = make_image("RGB", (40, 20), seed=5) if suffix != ".jpg" else Image.new("RGB", (40, 20), "teal")
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to show"
-    upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "photo.png", exif=exif.tobytes())
-    code, captured = ask(tmp_path / "photo.png")
+    upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / f"photo{suffix}", exif=exif.tobytes(),
+                                                       quality=100, lossless=True)
+    if suffix == ".jpg":
+        with Image.open(tmp_path / "photo.jpg") as photo:  # JPEG's own rounding, upright again
+            upright = photo.transpose(Image.Transpose.ROTATE_90)
+    code, captured = ask(tmp_path / f"photo{suffix}")
     expected = tokenizer.decode(model.answer_question(upright, Q, tokenizer, do_sample=False,
                                                       max_new_tokens=3),
                                 skip_special_tokens=True).strip()
     assert code == 0 and captured.out.strip() == expected
+
+
+def test_cli_never_opens_postscript(ask, tmp_path, monkeypatch):
+    """Pillow renders PostScript by running Ghostscript, an interpreter of whatever the file says."""
+    from PIL import EpsImagePlugin
+
+    (tmp_path / "drawing.eps").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+                                          "newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n")
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    one_error_line(*ask(tmp_path / "drawing.eps"), "not a picture in a format this reads", "drawing.eps")
+    assert ran == []
+
+
+@pytest.fixture()
+def llm_with_code(tiny, tmp_path):
+    """An alpha form whose LLM folder carries its own code (``auto_map``, an unknown model type) that would
+    leave a marker if it ran; returns (the ``--llm``/``--vision``/``--projector`` options, the marker)."""
+    import torch
+
+    model, tokenizer = tiny
+    llm, marker = tmp_path / "llm", tmp_path / "the-folder's-code-ran"
+    model.text_model.save_pretrained(llm)
+    tokenizer.save_pretrained(llm)
+    config = json.loads((llm / "config.json").read_text())
+    config.update(model_type="ownllama",
+                  auto_map={"AutoConfig": "own.Config", "AutoModelForCausalLM": "own.Model"})
+    (llm / "config.json").write_text(json.dumps(config))
+    (llm / "own.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                "class Config(LlamaConfig):\n    model_type = 'ownllama'\n"
+                                "class Model(LlamaForCausalLM):\n    config_class = Config\n")
+    model.vision_model.save_pretrained(tmp_path / "siglip")
+    torch.save({f"model.mm_projector.{key.removeprefix('model.')}": tensor.clone()
+                for key, tensor in model.mm_projector.state_dict().items()}, tmp_path / "mm_projector.bin")
+    return ["--llm", str(llm), "--vision", str(tmp_path / "siglip"), "--projector",
+            str(tmp_path / "mm_projector.bin")], marker
+
+
+def test_cli_never_runs_a_model_folders_own_code_even_when_the_user_says_yes(tmp_path, llm_with_code,
+                                                                                 monkeypatch, capfd):
+    """transformers would ask on the terminal whether to run the folder's code (answering y runs it):
+    ``trust_remote_code=False`` is passed, so nothing asks and nothing runs."""
+    import io
+
+    from llama3vision_min.tools.cli import main
+
+    options, marker = llm_with_code
+    make_image().save(tmp_path / "p.png")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    code = main(["ask", Q, "--image", str(tmp_path / "p.png"), "--greedy", "--max-new-tokens", "2", *options])
+    one_error_line(code, capfd.readouterr(), "could not load model", "custom code")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("spoil, words", [
