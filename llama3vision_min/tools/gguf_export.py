@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import new_files
+
 LLM_FILE, VISION_FILE = "model.gguf", "mmproj.gguf"
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
@@ -42,7 +44,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 def export_gguf(model, tokenizer, out, dtype="f16"):
     """Write ``out/model.gguf`` and ``out/mmproj.gguf``; returns their paths. Existing files are not
-    overwritten."""
+    overwritten; each file is written under a temporary name and renamed when both are complete."""
     import gguf  # noqa: F401 -- fail before anything is written when the package is missing
 
     if dtype not in DTYPES:
@@ -50,14 +52,10 @@ def export_gguf(model, tokenizer, out, dtype="f16"):
     check_exportable(model)
     vocabulary = tokenizer_vocabulary(tokenizer, model.text_model.config.vocab_size)  # checked before writing
     out = Path(out)
-    paths = out / LLM_FILE, out / VISION_FILE
-    taken = [str(path) for path in paths if path.exists()]
-    if taken:
-        raise ValueError(f"will not overwrite {', '.join(taken)}: choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_llm(model.text_model, vocabulary, paths[0], DTYPES[dtype])
-    write_vision(model, paths[1], DTYPES[dtype])
-    return paths
+    with new_files(out, (LLM_FILE, VISION_FILE)) as (llm_file, vision_file):  # both files, or neither
+        write_llm(model.text_model, vocabulary, llm_file, DTYPES[dtype])
+        write_vision(model, vision_file, DTYPES[dtype])
+    return out / LLM_FILE, out / VISION_FILE
 
 
 def check_exportable(model):

@@ -48,6 +48,7 @@ from ..constants import DEFAULT_TEMPERATURE, EOT_TOKEN
 from ..generation import stop_token_ids
 from ..image import make_processor
 from ..model import with_legacy_rope
+from .atomic import new_folder
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The image token of the exported model: a Llama 3 reserved special token (the tiny tokenizers have it
@@ -270,23 +271,24 @@ def export_llava(model, tokenizer, out_dir, vllm_names=False, image_token=IMAGE_
     the processor files (SigLIP image processor, ``LlavaProcessor`` settings) and the tokenizer
     with the chat template. With ``vllm_names=True`` the weights carry the names vLLM's llava
     loader reads (see the module docstring); transformers reads those as well. Weights keep
-    their dtype. Returns the folder as a ``Path``.
+    their dtype. ``out_dir`` must be absent or empty; it appears complete or not at all. Returns the
+    folder as a ``Path``.
     """
     # refuses what it cannot express before anything is written
     llava = to_llava(model, tokenizer, image_token)
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    if vllm_names:
-        llava.config.save_pretrained(folder)
-        state = {key: tensor.detach().contiguous().cpu() for key, tensor in vllm_state_dict(model).items()}
-        save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
-    else:
-        llava.save_pretrained(folder, max_shard_size=max_shard_size)
-    _generation_config(tokenizer).save_pretrained(folder)
-    processor = llava_processor(model, tokenizer, image_token)
-    processor.save_pretrained(folder)
-    _make_portable(folder, processor)
-    return folder
+    with new_folder(out_dir) as folder:  # written beside out_dir, renamed to it when complete
+        if vllm_names:
+            llava.config.save_pretrained(folder)
+            state = {key: tensor.detach().contiguous().cpu()
+                     for key, tensor in vllm_state_dict(model).items()}
+            save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
+        else:
+            llava.save_pretrained(folder, max_shard_size=max_shard_size)
+        _generation_config(tokenizer).save_pretrained(folder)
+        processor = llava_processor(model, tokenizer, image_token)
+        processor.save_pretrained(folder)
+        _make_portable(folder, processor)
+    return Path(out_dir)
 
 
 def _make_portable(folder, processor):

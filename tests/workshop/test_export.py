@@ -253,6 +253,39 @@ def test_vllm_key_names(exported):
         assert len(state) == n_ours
 
 
+@pytest.mark.parametrize("vllm_names", [False, True], ids=["transformers-names", "vllm-names"])
+def test_an_export_that_fails_half_way_leaves_no_folder_and_the_retry_works(tiny, tmp_path, monkeypatch,
+                                                                           vllm_names):
+    """A failure after the weights (here: the processor) must not leave config.json and weights without a
+    tokenizer: a folder that looks usable and is not."""
+    from llama3vision_min.tools import llava_export
+
+    model, tokenizer = tiny
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(llava_export, "llava_processor", fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_llava(model, tokenizer, tmp_path / "out", vllm_names=vllm_names)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
+    monkeypatch.undo()
+    folder = export_llava(model, tokenizer, tmp_path / "out", vllm_names=vllm_names)
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_exporting_over_an_export_is_refused_and_leaves_it_whole(tiny, tmp_path):
+    """Over a sharded export a new one would leave an index naming deleted shards: refused instead."""
+    model, tokenizer = tiny
+    folder = export_llava(model, tokenizer, tmp_path / "out", max_shard_size="100KB")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert "model.safetensors.index.json" in before
+    with pytest.raises(ValueError, match="will not overwrite"):
+        export_llava(model, tokenizer, folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_chat_template_renders_our_multi_turn_prompt(tiny, tmp_path):
     """History with answers renders as ``build_chat_prompt`` (image in the first user turn only)."""
     from transformers import AutoProcessor

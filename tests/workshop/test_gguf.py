@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,6 +283,33 @@ def test_bad_exports_are_refused_and_nothing_is_overwritten(mini, mini_f32, tmp_
     with pytest.raises(ValueError, match="will not overwrite"):
         export_gguf(*mini, tmp_path / "b")
     assert (tmp_path / "b" / LLM_FILE).read_bytes() == b"mine" and not (tmp_path / "b" / VISION_FILE).exists()
+
+
+def _fail_after(write, written, error):
+    """A ``write_llm``/``write_vision`` that writes part of its file, then meets ``error`` (a full disk)."""
+    def partial(*args):
+        path = next(arg for arg in args if isinstance(arg, Path))
+        path.write_bytes(b"GGUF" + b"\0" * written)
+        raise error
+    return partial
+
+
+@pytest.mark.parametrize("failing", ["write_llm", "write_vision"])
+def test_a_failed_export_leaves_nothing_half_written_and_the_retry_works(mini, tmp_path, monkeypatch,
+                                                                          failing):
+    from llama3vision_min.tools import gguf_export
+
+    (tmp_path / "notes.txt").write_text("mine")  # what was there before stays
+    monkeypatch.setattr(gguf_export, failing, _fail_after(getattr(gguf_export, failing), 1000,
+                                                          OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        export_gguf(*mini, tmp_path, dtype="f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(OSError):
+        export_gguf(*mini, tmp_path / "new", dtype="f16")
+    assert not (tmp_path / "new").exists()  # a folder this call made is removed too
+    monkeypatch.undo()
+    assert [p.name for p in export_gguf(*mini, tmp_path, dtype="f16")] == [LLM_FILE, VISION_FILE]
 
 
 def test_a_rope_type_gguf_cannot_express_is_refused_before_writing(tmp_path):
