@@ -159,13 +159,20 @@ def _check_sizes(folder, state, text_config, vision_config):
     for what, config in (("text_config", text_config), ("vision_config", vision_config)):
         text = what == "text_config"
         sizes = ("vocab_size",) if text else ("image_size", "patch_size")
-        for name in sizes + ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        optional = ("num_key_value_heads", "head_dim") if text else ()  # None: transformers' default
+        for name in sizes + ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") \
+                + optional:
             value = getattr(config, name, None)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if (value is not None or name not in optional) and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{folder}: {what}.{name} must be a whole number >= 1, found {value!r}")
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"{folder}: {what}.hidden_size ({config.hidden_size}) is not a multiple of "
                              f"num_attention_heads ({config.num_attention_heads})")
+        kv_heads = getattr(config, "num_key_value_heads", None) if text else None
+        if kv_heads and config.num_attention_heads % kv_heads:
+            raise ValueError(f"{folder}: {what}.num_attention_heads ({config.num_attention_heads}) is not a "
+                             f"multiple of num_key_value_heads ({kv_heads})")
         layer = "text_model.model.layers." if text else "encoder.layers."
         layers = sorted((int(key.split(layer)[1].split(".")[0]), key) for key in state if layer in key)
         if layers and layers[-1][0] + 1 != config.num_hidden_layers:
@@ -215,10 +222,17 @@ def load_hf_layout(cls, path_or_hub_id):
         state.setdefault("text_model.lm_head.weight", state["text_model.model.embed_tokens.weight"])
     if not any(key.startswith("vision_model.head.") for key in state):
         vision_config.vision_use_head = False  # the pooling head is not used: a checkpoint may leave it out
+    for key in [key for key in state if key.startswith("mm_projector.")]:
+        if state[key].is_floating_point() and not state[key].isfinite().all():
+            raise ValueError(f"{folder}: {key} holds NaN or infinite values")
     with init_empty_weights():
-        model = cls(vision_model=SiglipVisionModel(vision_config),
-                    text_model=AutoModelForCausalLM.from_config(text_config),
-                    mm_projector=ProjectionModule(vision_config.hidden_size, text_config.hidden_size))
+        try:  # what the size checks cannot see, e.g. a RoPE type transformers does not know
+            model = cls(vision_model=SiglipVisionModel(vision_config),
+                        text_model=AutoModelForCausalLM.from_config(text_config),
+                        mm_projector=ProjectionModule(vision_config.hidden_size, text_config.hidden_size))
+        except (ArithmeticError, LookupError, TypeError, AttributeError) as error:
+            raise ValueError(f"{folder}: config.json describes a model transformers cannot build: "
+                             f"{type(error).__name__}: {error}") from None
     if _nests_siglip(model.vision_model):
         state = {model_key(key, nested_siglip=True): tensor for key, tensor in state.items()}
     load_strict(model, state, folder)
@@ -268,7 +282,11 @@ def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=Fal
         llm_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dtype)
         llm_kwargs["device_map"] = {"": str(device)}
-    text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
+    try:
+        text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
+    except (ArithmeticError, LookupError, TypeError, AttributeError) as error:  # e.g. head_dim 0
+        raise ValueError(f"the LLM {llm!r} cannot be built from its config: {type(error).__name__}: "
+                         f"{error}") from None
     vision_model = load_vision_tower(vision)
     widths = vision_model.config.hidden_size, text_model.config.hidden_size
     if projector is None:

@@ -105,6 +105,8 @@ def load_projector(path, mm_hidden_size=None, hidden_size=None):
         if not tensor.is_floating_point() or tensor.dim() != rank:
             raise ValueError(f"{path}: expected {key} to be a {rank}-D floating-point tensor, found "
                              f"{tensor.dim()}-D {tensor.dtype} of shape {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():  # a diverged training run: every answer would be noise
+            raise ValueError(f"{path}: {key} holds NaN or infinite values")
     hidden, mm = state["model.0.weight"].shape  # a Linear stores (out, in)
     expected = (hidden_size or hidden, mm_hidden_size or mm)
     if (hidden, mm) != expected:

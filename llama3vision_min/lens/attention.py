@@ -35,8 +35,18 @@ def question_ids(tokenizer, question, answer_ids=None):
     it)."""
     ids = prompt_ids(chat_segments([(question, None)]), tokenizer)  # (L,)
     if answer_ids is not None:
-        ids = torch.cat([ids, torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1).cpu()])
+        ids = torch.cat([ids, answer_tensor(answer_ids)])
     return ids
+
+
+def answer_tensor(answer_ids):
+    """``answer_ids`` (a list or 1-D tensor of token ids) as a (n,) long tensor on the CPU; anything else --
+    fractions, a 2-D batch, booleans -- is refused, not truncated or flattened."""
+    answer = torch.as_tensor(answer_ids) if not isinstance(answer_ids, (str, bytes)) else None
+    if answer is None or answer.dim() != 1 or answer.is_floating_point() or answer.is_complex() \
+            or answer.dtype == torch.bool:
+        raise ValueError(f"answer_ids must be a list or 1-D tensor of token ids, got {answer_ids!r:.80}")
+    return answer.long().cpu()
 
 
 def spliced_prompt(model, tokenizer, image, question):

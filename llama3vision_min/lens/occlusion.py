@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import stop_token_ids
-from .attention import grid_side, question_ids
+from .attention import answer_tensor, grid_side, question_ids
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def occlusion_map(model, tokenizer, image, question, answer_ids=None, block=1, b
                                            max_new_tokens=32).tolist()
         while answer_ids and answer_ids[-1] in stop_token_ids(tokenizer):
             answer_ids.pop()
-    answer_ids = torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1).cpu()
+    answer_ids = answer_tensor(answer_ids)
     if answer_ids.numel() == 0:
         raise ValueError("expected an answer of at least one token to score, got none")
     ids = question_ids(tokenizer, question, answer_ids)[None]  # (1, L + n_answer)

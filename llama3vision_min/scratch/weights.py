@@ -23,17 +23,33 @@ def check_implementation(implementation):
 
 def take_over(model, implementation):
     """``model`` (a ``LlamaVision`` loaded with transformers' towers) with ``scratch/``'s towers around the
-    same tensors when ``implementation="scratch"`` (the LLM only when it is a Llama); as it is otherwise."""
+    same tensors when ``implementation="scratch"``; as it is otherwise."""
     check_implementation(implementation)
     if implementation == "scratch":
-        if model.text_model.config.model_type == "llama":
-            model.text_model = llm_from_transformers(model.text_model)
+        model.text_model = llm_from_transformers(model.text_model)
         model.vision_model = vision_from_transformers(model.vision_model)
     return model
 
 
+WRITTEN_OUT = {  # what the from-scratch towers compute; any other value is refused, never approximated
+    "LlamaLM": {"model_type": ("llama",), "hidden_act": ("silu",)},
+    "SiglipVisionTower": {"hidden_act": ("gelu_pytorch_tanh", "gelu_new", "gelu")},
+}
+
+
+def check_written_out(config, tower):
+    """Refuse a config that ``tower`` (``"LlamaLM"`` or ``"SiglipVisionTower"``) would compute otherwise
+    than transformers: e.g. a Llama with ``hidden_act: gelu`` (ours is SiLU) or SigLIP's ``quick_gelu``."""
+    for field, values in WRITTEN_OUT[tower].items():
+        if getattr(config, field, None) not in values:
+            raise ValueError(f'implementation="scratch" writes out {tower} with {field} in {values}, but the '
+                             f'config has {field}={getattr(config, field, None)!r}: load it with '
+                             'implementation="transformers"')
+
+
 def vision_from_transformers(tower):
     """A ``SiglipVisionTower`` sharing the tensors of transformers' ``SiglipVisionModel`` ``tower``."""
+    check_written_out(tower.config, "SiglipVisionTower")
     with init_empty_weights():
         ours = SiglipVisionTower(copy.deepcopy(tower.config))
     state = {key.removeprefix("vision_model."): tensor for key, tensor in tower.state_dict().items()
@@ -45,6 +61,7 @@ def vision_from_transformers(tower):
 def llm_from_transformers(llm):
     """A ``LlamaLM`` around the modules of transformers' ``LlamaForCausalLM`` ``llm``: its embedding, its
     projections (plain or quantised ``Linear`` modules, taken as they are), its norms' weights, its head."""
+    check_written_out(llm.config, "LlamaLM")
     with init_empty_weights():
         ours = LlamaLM(copy.deepcopy(llm.config))
     theirs = llm.model

@@ -41,6 +41,25 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
+def picture_rows(vision_file):
+    """How many rows a picture takes in the LLM's context: (image_size / patch_size)^2, from mmproj.gguf."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(vision_file)).fields
+
+    def value(key):
+        field = fields[key]
+        return int(field.parts[field.data[0]][0])
+
+    return (value("clip.vision.image_size") // value("clip.vision.patch_size")) ** 2
+
+
+def _check_question(question):
+    """The question as our model takes it: text (llama-cpp-python would answer ``None`` as the word)."""
+    if not isinstance(question, str):
+        raise ValueError(f"the question must be a str, got {type(question).__name__}")
+
+
 class LlamaCppVision:
     """``model.gguf`` + ``mmproj.gguf`` from ``folder`` in llama.cpp, with llama-cpp-python's chat handler."""
 
@@ -52,11 +71,18 @@ class LlamaCppVision:
         missing = [name for name in (LLM_FILE, VISION_FILE) if not (folder / name).is_file()]
         if missing:
             raise ValueError(f"expected {LLM_FILE} and {VISION_FILE} in {folder}, missing {missing}")
+        rows = picture_rows(folder / VISION_FILE)
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < rows + 32:
+            raise ValueError(f"n_ctx must hold the picture's {rows} rows and a prompt (at least "
+                             f"{rows + 32}), got {n_ctx!r}")
         self.handler = Llama3VisionAlphaChatHandler(clip_model_path=str(folder / VISION_FILE), verbose=False)
         self.llm = Llama(model_path=str(folder / LLM_FILE), chat_handler=self.handler, n_ctx=n_ctx,
                          n_threads=n_threads or os.cpu_count(), verbose=False)
 
     def _chat(self, image, question, max_tokens, **kwargs):
+        _check_question(question)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"expected a PIL.Image.Image, got {type(image).__name__}")
         url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
         message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                {"type": "text", "text": question}]}
@@ -95,6 +121,7 @@ class LlamaCppVision:
         the handler's own chat template, tokenized by mtmd (which adds the BOS)."""
         import jinja2
 
+        _check_question(question)
         marker = self.handler._mtmd_cpp.mtmd_default_marker().decode()
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": marker},
                                                  {"type": "text", "text": question}]}]

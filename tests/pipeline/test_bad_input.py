@@ -422,8 +422,17 @@ def test_a_config_json_that_is_not_a_config(folder, content, words):
     (lambda c: c["vision_config"].update(num_attention_heads=5),
      ["is not a multiple of num_attention_heads (5)"]),
     (lambda c: c["vision_config"].update(hidden_size=True), ["hidden_size", "True"]),
+    (lambda c: c["text_config"].update(num_key_value_heads=0), ["text_config.num_key_value_heads", "0"]),
+    (lambda c: c["text_config"].update(num_key_value_heads=3),
+     ["num_attention_heads (4) is not a multiple of num_key_value_heads (3)"]),
+    (lambda c: c["text_config"].update(head_dim=0), ["text_config.head_dim must be a whole number", "0"]),
+    (lambda c: c["text_config"].update(rope_scaling={"rope_type": "wild", "factor": 2.0},
+                                       rope_parameters={"rope_type": "wild", "factor": 2.0,
+                                                        "rope_theta": 5e5}),
+     ["cannot build", "'wild'"]),
 ], ids=["millions-of-layers", "layers-text", "no-layers", "huge-width", "negative-vocabulary",
-        "negative-patch", "vision-layers", "heads-do-not-divide", "width-bool"])
+        "negative-patch", "vision-layers", "heads-do-not-divide", "width-bool", "no-kv-heads",
+        "kv-heads-do-not-divide", "head-dim-zero", "unknown-rope-type"])
 def test_config_sizes_are_checked_before_anything_is_built(folder, change, words):
     spoil_config(folder, change)
     refused(lambda: LlamaVision.from_pretrained(folder), *words)
@@ -541,3 +550,45 @@ def test_projector_paths_that_hold_no_projector(tmp_path, name, words):
 def test_a_tokenizer_folder_without_a_tokenizer(tmp_path):
     (tmp_path / "empty").mkdir()
     refused(lambda: load_tokenizer(tmp_path / "empty"), "expected tokenizer.json")
+
+
+def test_a_projector_that_diverged_is_refused(tiny, tmp_path, folder):
+    """A NaN projector (a training run gone wrong) would answer '!!!!...': refused in both forms."""
+    state = _projector_state(tiny)
+    state["model.mm_projector.2.bias"][3] = float("nan")
+    torch.save(state, tmp_path / "mm_projector.bin")
+    refused(lambda: load_projector(tmp_path / "mm_projector.bin"), "model.2.bias", "NaN or infinite")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["mm_projector.model.0.weight"][0, 0] = float("inf")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    refused(lambda: LlamaVision.from_pretrained(folder), "mm_projector.model.0.weight", "NaN or infinite")
+
+
+# == the from-scratch towers and the lens ==========================================================
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c["text_config"].update(hidden_act="gelu"), ["LlamaLM", "hidden_act='gelu'"]),
+    (lambda c: c["vision_config"].update(hidden_act="quick_gelu"),
+     ["SiglipVisionTower", "hidden_act='quick_gelu'"]),
+    (lambda c: c["text_config"].update(model_type="mistral"), ["LlamaLM", "model_type='mistral'"]),
+], ids=["llama-gelu", "siglip-quick-gelu", "mistral"])
+def test_what_the_scratch_towers_do_not_compute_is_refused(folder, change, words):
+    """Before: SiLU for a GELU Llama (logits 1.19 off), exact GELU for quick-GELU (features 0.089 off),
+    and transformers' tower, without a word, for a Mistral."""
+    spoil_config(folder, change)
+    LlamaVision.from_pretrained(folder)  # transformers computes each as configured
+    refused(lambda: LlamaVision.from_pretrained(folder, implementation="scratch"), *words,
+            'implementation="transformers"')
+
+
+@pytest.mark.parametrize("answer_ids, words", [
+    ([3.7, 5.2], ["1-D tensor of token ids", "3.7"]),
+    ([[3, 5], [7, 9]], ["1-D tensor of token ids", "[[3, 5], [7, 9]]"]),
+    (torch.tensor([True, False]), ["1-D tensor of token ids"]),
+    ("ab", ["1-D tensor of token ids", "'ab'"]),
+], ids=["fractions", "2-d", "booleans", "text"])
+def test_the_lens_scores_only_an_answer_of_token_ids(tiny, answer_ids, words):
+    from llama3vision_min.lens import occlusion_map
+
+    model, tokenizer = tiny
+    refused(lambda: occlusion_map(model, tokenizer, make_image(), Q, answer_ids=answer_ids), *words)
+

@@ -381,6 +381,23 @@ def test_llama_cpp_answers_as_we_do_on_200_pictures_and_questions(mini, llama_cp
 
 
 @needs_llama_cpp
+def test_the_runner_refuses_what_our_model_refuses(mini_f32, llama_cpp_mini):
+    """A question that is not text (llama-cpp-python would answer ``None`` as the word) or a picture that
+    is not a picture; a context too small for the picture's rows (a numpy broadcast error before)."""
+    from llama3vision_min.tools.llama_cpp_runner import LlamaCppVision
+
+    picture = render(scene(SEEDS[0]))
+    for call in (lambda: llama_cpp_mini.answer(picture, None), lambda: llama_cpp_mini.answer_ids(picture, 7),
+                 lambda: llama_cpp_mini.prompt_ids(None)):
+        with pytest.raises(ValueError, match="the question must be a str"):
+            call()
+    with pytest.raises(ValueError, match="expected a PIL.Image.Image, got str"):
+        llama_cpp_mini.answer("picture.png", QUESTIONS["what"])
+    with pytest.raises(ValueError, match=r"the picture's 64 rows and a prompt \(at least 96\)"):
+        LlamaCppVision(mini_f32, n_ctx=80)
+
+
+@needs_llama_cpp
 def test_llama_cpp_reads_the_same_prompt(mini, llama_cpp_mini):
     for question in [*QUESTIONS.values(), "<|eot_id|> typed by a user?"]:
         if "<|" in question:  # llama-cpp-python's handler parses special tokens in the text; we do not
