@@ -28,6 +28,11 @@ import torch
 import transformers
 
 
+PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+"""The file formats the command line and the trainer open: never PostScript, which Pillow renders by
+running Ghostscript."""
+
+
 def make_processor(image_size):
     """A SigLIP image processor that resizes to ``image_size`` (bicubic, mean/std 0.5).
 

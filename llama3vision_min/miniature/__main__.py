@@ -7,11 +7,11 @@
 
 import argparse
 import json
+import os
 import sys
-import tempfile
 from pathlib import Path
 
-from ..training.stage1 import _positive_int
+from ..training.stage1 import _positive_int, _seed
 
 
 def _parser():
@@ -23,9 +23,9 @@ def _parser():
                                 help="run training stages A (vision), B (LLM), C (projector), D (LLM swap)")
     train.add_argument("--stage", default="all", choices=["A", "B", "C", "D", "all"])
     train.add_argument("--out", default=None,
-                       help="working folder for stage outputs (default: a folder in the temp dir)")
+                       help="working folder for stage outputs (default: a folder in your own cache)")
     train.add_argument("--quick", action="store_true", help="the shortened CI recipe (a minute or two)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--ship", action="store_true",
                        help="copy the trained miniature into the package "
                             "(llama3vision_min/miniature/checkpoint)")
@@ -38,7 +38,7 @@ def _parser():
                           help="number of pictures (default: %(default)s)")
     evaluate.add_argument("--threads", type=_positive_int, default=2)
     sample = commands.add_parser("sample", help="print one example; optionally save its picture")
-    sample.add_argument("seed", type=int)
+    sample.add_argument("seed", type=_seed)
     sample.add_argument("--save", default=None,
                         help="a new file for the picture (an existing one is not overwritten)")
     return parser
@@ -54,7 +54,7 @@ def sample_command(args):
     image, question, answer = sample(args.seed)
     if args.save:
         save = Path(args.save)
-        if save.exists():
+        if save.exists() or save.is_symlink():  # a dangling link too: saving would write where it points
             raise CommandError(f"--save {save} exists; choose a new file name")
         try:
             image.save(save)
@@ -82,8 +82,12 @@ def train_command(args):
     if args.ship and (args.quick or args.stage != "all"):
         raise CommandError("--ship needs a full run (--stage all, without --quick)")
     recipe = Recipe.quick(seed=args.seed) if args.quick else Recipe(seed=args.seed)
-    out = Path(args.out or
-               Path(tempfile.gettempdir()) / f"llama3vision_min-miniature{'-quick' if args.quick else ''}")
+    from .stand_ins import private_cache
+
+    try:  # by default in a folder of this user's own, never a shared temp folder another user could plant
+        out = Path(args.out or private_cache() / f"miniature{'-quick' if args.quick else ''}")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file; name a folder")
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -108,16 +112,17 @@ def main(argv=None):
     try:
         if args.command == "sample":
             sample_command(args)
-            return 0
-        import torch
-
-        torch.set_num_threads(args.threads)
-        if args.command == "eval":
-            eval_command(args)
         else:
-            train_command(args)
+            import torch
+
+            torch.set_num_threads(args.threads)
+            eval_command(args) if args.command == "eval" else train_command(args)
+        sys.stdout.flush()
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # piped into a reader that stopped (``| head``): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

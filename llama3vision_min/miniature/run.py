@@ -48,7 +48,15 @@ def load_mini(path=CHECKPOINT_DIR, implementation="transformers"):
 
 def _report(out):
     file = Path(out) / "report.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file} is not a report this writes: {error}") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{file} is not a report this writes: a JSON {type(report).__name__}, not an object")
+    return report
 
 
 def _save_report(out, report):

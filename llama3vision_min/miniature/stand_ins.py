@@ -17,6 +17,8 @@ They answer noise: they exist to check mechanics, parity and speed, not quality.
 """
 
 import dataclasses
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -220,8 +222,23 @@ def random_parts(size="tiny", seed=0, dtype=None):
     return (*(part.eval() for part in parts), tokenizer)
 
 
+def private_cache():
+    """``$XDG_CACHE_HOME/llama3vision_min`` (``~/.cache`` without it), this user's own: refused when another
+    user could write into it, since what lies there is loaded as ours (a shared temp folder could be
+    planted)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3vision_min"
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = cache.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ValueError(f"{cache} must belong to you and be writable by you alone "
+                         f"(owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)})")
+    return cache
+
+
 def build_tiny(path=None, size="tiny", seed=0):
-    """Save a tiny model and its tokenizer in the -hf layout; returns the folder."""
+    """Save a tiny model and its tokenizer in the -hf layout; returns the folder. Without ``path``: once, in
+    ``private_cache()``, written beside its place and renamed (processes building it at once each get a
+    whole one)."""
     from ..model import LlamaVision
 
     if path is None:
@@ -229,14 +246,22 @@ def build_tiny(path=None, size="tiny", seed=0):
 
         # files written by one major version are not reused by another
         major = transformers.__version__.split(".")[0]
-        path = Path(tempfile.gettempdir()) / f"llama3vision_min-v{TINY_FORMAT}-tf{major}-{size}-seed{seed}"
+        path = private_cache() / f"tiny-v{TINY_FORMAT}-tf{major}-{size}-seed{seed}"
     path = Path(path)
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     vision_model, text_model, mm_projector, tokenizer = random_parts(size, seed)
     LlamaVision(vision_model=vision_model, text_model=text_model,
-                mm_projector=mm_projector).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+                mm_projector=mm_projector).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(path)  # replaces an empty folder
+    except OSError:  # another process finished first: its copy is the same model
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+            raise ValueError(f"{path} holds something other than a tiny model: remove it") from None
     return path
 
 

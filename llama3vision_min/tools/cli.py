@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..training.stage1 import _positive_int
+from ..training.stage1 import _positive_int, _seed
 
 DEFAULT_MODEL = "mini"
 """The model used when neither ``--model`` nor ``--llm`` is given: the shipped miniature (trained on
@@ -65,7 +65,7 @@ def _parser():
     ask.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default: %(default)s")
     ask.add_argument("--greedy", action="store_true",
                      help="greedy decoding instead of sampling at temperature 0.2")
-    ask.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    ask.add_argument("--seed", type=_seed, default=0, help="random seed for sampling (default: %(default)s)")
     export = commands.add_parser("export",
                                  help="write a transformers-native LLaVA folder (tools/llava_export.py) "
                                       "or, with --format gguf, model.gguf and mmproj.gguf for llama.cpp")
@@ -80,15 +80,12 @@ def _parser():
     return parser
 
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
-"""The picture formats ``ask --image`` opens: never PostScript, which Pillow renders by running
-Ghostscript."""
-
-
 def _open_image(path):
     import warnings
 
     from PIL import Image, UnidentifiedImageError
+
+    from ..image import PICTURE_FORMATS
 
     path = Path(path)
     if not path.is_file():
@@ -97,29 +94,33 @@ def _open_image(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not just warned about
-            with Image.open(path, formats=IMAGE_FORMATS) as image:
+            with Image.open(path, formats=PICTURE_FORMATS) as image:
                 image.load()
                 return image.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise CliError(f"refusing {path}: {error}") from None
     except UnidentifiedImageError:
-        raise CliError(f"not a picture in a format this reads ({', '.join(IMAGE_FORMATS)}): {path}") from None
+        raise CliError(f"not a picture in a format this reads ({', '.join(PICTURE_FORMATS)}): "
+                       f"{path}") from None
     except OSError as error:
         raise CliError(f"not a readable image: {path} ({type(error).__name__})") from None
 
 
 def _placement(args):
     """``(device, dtype)`` from ``--device`` / ``--dtype``; ``dtype`` None leaves the loader's choice."""
+    import re
+
     import torch
 
     from ..model import choose_device
 
-    try:
-        device = choose_device(args.device)
-    except RuntimeError as error:
-        raise CliError(f"--device {args.device!r} is not a device: {str(error).splitlines()[0]}") from None
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise CliError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    device = choose_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"--device {args.device} asks for a GPU, but torch sees none")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CliError(f"--device {args.device}: torch sees {torch.cuda.device_count()} GPU(s)")
     return device, getattr(torch, GGUF_DTYPES.get(args.dtype, args.dtype)) if args.dtype else None
 
 
@@ -226,8 +227,14 @@ def main(argv=None):
             ask(args)
         elif args.command == "export":
             export(args)
+        sys.stdout.flush()
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the output was piped into a reader that stopped (``| head``): no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 1
     return 0
 

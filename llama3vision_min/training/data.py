@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..constants import EOT_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER
+from ..image import PICTURE_FORMATS
 from ..prompt import chat_segments
 from ..token_split import prompt_ids
 
@@ -45,12 +46,18 @@ class LlavaPretrain(torch.utils.data.Dataset):
     """LLaVA-Pretrain's JSON and picture folder as a dataset of ``{"image", "question", "answer"}``.
 
     Every entry is checked when the dataset is made -- its fields, its conversation, a picture
-    path inside the folder that names a file -- so a bad entry stops the run before training, not
-    hours into it; the error names the file and the entry.
+    path inside the folder that names a picture file (its header read, in a format the command line
+    opens) -- so a bad entry stops the run before training, not hours into it; the error names the
+    file and the entry. A symbolic link must stay inside the folder, or inside the Hugging Face cache
+    repository the folder is a snapshot of (``huggingface_hub`` stores each file as a link into the
+    repository's ``blobs/``).
     """
 
     def __init__(self, json_path, image_folder, limit=None):
         json_path, self.image_folder = Path(json_path), Path(image_folder)
+        Image.init()  # every format plugin registered, so that ``formats`` can name them
+        parts = self.image_folder.resolve().parts
+        self.inside = Path(*parts[: parts.index("snapshots")]) if "snapshots" in parts else Path(*parts)
         try:
             entries = json.loads(json_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -78,6 +85,14 @@ class LlavaPretrain(torch.utils.data.Dataset):
             raise ValueError(f"expected a picture path inside {self.image_folder}, got {name!r}")
         if not path.is_file():
             raise ValueError(f"picture {name!r} not found in {self.image_folder}")
+        if not path.resolve().is_relative_to(self.inside):
+            raise ValueError(f"picture {name!r} is a link to {path.resolve()}, outside {self.image_folder}")
+        try:
+            with Image.open(path, formats=PICTURE_FORMATS):
+                pass  # the header is read: the file is a picture of a format we open
+        except (OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"picture {name!r} cannot be read as a picture ({', '.join(PICTURE_FORMATS)}): "
+                             f"{type(error).__name__}") from None
         return path, question, answer
 
     def __len__(self):
@@ -85,7 +100,7 @@ class LlavaPretrain(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, question, answer = self.examples[index]
-        with Image.open(path) as image:
+        with Image.open(path, formats=PICTURE_FORMATS) as image:
             image.load()
             return {"image": image.copy(), "question": question, "answer": answer}
 

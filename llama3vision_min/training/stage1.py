@@ -25,6 +25,7 @@ size, with the frozen tower's features cached.
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -49,8 +50,22 @@ def save_projector(projector, out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().float().cpu().contiguous() for key, value in projector.state_dict().items()}
-    save_file(state, str(out / "mm_projector.safetensors"), metadata={"format": "pt"})
+    partial = out / f".mm_projector.safetensors.partial-{os.getpid()}"
+    try:  # written whole under another name, then renamed: never a truncated projector
+        save_file(state, str(partial), metadata={"format": "pt"})
+        partial.rename(out / "mm_projector.safetensors")
+    finally:
+        partial.unlink(missing_ok=True)
     return out / "mm_projector.safetensors"
+
+
+def check_batches(global_batch, per_device_batch, processes):
+    """Examples per update across all processes, once ``global_batch`` is checked to be a multiple of it."""
+    per_update = per_device_batch * processes
+    if global_batch % per_update:
+        raise ValueError(f"global_batch ({global_batch}) must be a multiple of per_device_batch x processes "
+                         f"({per_device_batch} x {processes})")
+    return per_update
 
 
 def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_device_batch=16, epochs=1,
@@ -67,11 +82,10 @@ def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite number above 0, got {lr!r}")
     processes = PartialState().num_processes  # 1, or the number `accelerate launch` started
-    per_update = per_device_batch * processes
-    if global_batch % per_update:
-        raise ValueError(f"global_batch ({global_batch}) must be a multiple of per_device_batch x processes "
-                         f"({per_device_batch} x {processes})")
+    per_update = check_batches(global_batch, per_device_batch, processes)
     accelerator = Accelerator(gradient_accumulation_steps=global_batch // per_update,
                               mixed_precision=mixed_precision)
     set_seed(seed)
@@ -98,6 +112,9 @@ def train_stage1(model, dataset, tokenizer, out, lr=1e-3, global_batch=256, per_
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                if not torch.isfinite(loss):  # diverged: a projector saved now would answer noise
+                    raise ValueError(f"the loss became {loss.item()} after {len(losses)} updates; nothing "
+                                     "was saved (try a lower --lr)")
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -129,11 +146,28 @@ def _positive_int(text):
     return value
 
 
+def _count(text):
+    """argparse type: a whole number >= 0 (data-loading workers)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _seed(text):
+    """argparse type: a random seed in [0, 2**32), what torch, numpy and random all take (the command lines
+    of the miniature and of ``tools/cli.py`` use it too)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    return value
+
+
 def _positive_float(text):
-    """argparse type: a number above 0 (the learning rate)."""
+    """argparse type: a finite number above 0 (the learning rate)."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
     return value
 
 
@@ -156,8 +190,8 @@ def parse_args(argv=None):
                         help="stop after this many updates (trial runs)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N examples")
     parser.add_argument("--load-in-4bit", action="store_true", help="the frozen LLM in 4-bit (bitsandbytes)")
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=_count, default=4)
+    parser.add_argument("--seed", type=_seed, default=0)
     return parser.parse_args(argv)
 
 
@@ -189,8 +223,9 @@ def main(argv=None):
             raise ValueError(f"--out {out} already holds mm_projector.safetensors; choose a new folder")
         if not 0 <= args.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must lie in [0, 1), got {args.warmup_ratio}")
-        dataset = LlavaPretrain(args.data, args.images, limit=args.limit)
         state = PartialState()
+        check_batches(args.global_batch, args.per_device_batch, state.num_processes)  # before any model loads
+        dataset = LlavaPretrain(args.data, args.images, limit=args.limit)
         dtype, mixed_precision = precision(state.device)
         model = LlamaVision.from_alpha(args.llm, args.vision, projector=None, dtype=dtype,
                                        device=state.device, load_in_4bit=args.load_in_4bit)
@@ -202,10 +237,14 @@ def main(argv=None):
         print(f"no GPU: training on the CPU in {str(dtype).removeprefix('torch.')} (slow; for trial runs)",
               file=sys.stderr)
     model.mm_projector.float()  # trained in float32 under autocast, as LLaVA does
-    losses = train_stage1(model, dataset, tokenizer, args.out, lr=args.lr, global_batch=args.global_batch,
-                          per_device_batch=args.per_device_batch, epochs=args.epochs,
-                          warmup_ratio=args.warmup_ratio, mixed_precision=mixed_precision,
-                          max_steps=args.max_steps, num_workers=args.num_workers, seed=args.seed)
+    try:
+        losses = train_stage1(model, dataset, tokenizer, args.out, lr=args.lr, global_batch=args.global_batch,
+                              per_device_batch=args.per_device_batch, epochs=args.epochs,
+                              warmup_ratio=args.warmup_ratio, mixed_precision=mixed_precision,
+                              max_steps=args.max_steps, num_workers=args.num_workers, seed=args.seed)
+    except ValueError as error:  # e.g. the loss became NaN: nothing is saved
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     print(f"{len(losses)} updates, loss {losses[0]:.3f} -> {losses[-1]:.3f}; projector in {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import make_image, one_error_line, refused, shard_checkpoint, spoil_config, usage_error
@@ -126,6 +127,41 @@ def test_cli_never_runs_a_model_folders_own_code_even_when_the_user_says_yes(tmp
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("device, words", [
+    ("mps", ["--device must be cpu, cuda or cuda:N, got 'mps'"]),
+    ("meta", ["--device must be cpu, cuda or cuda:N, got 'meta'"]),
+    ("cuda:x", ["--device must be cpu, cuda or cuda:N"]),
+    ("cuda:0", ["--device cuda:0"]),
+], ids=["mps", "meta", "cuda-x", "cuda-without-a-gpu"])
+def test_cli_devices_it_cannot_use(ask, tmp_path, device, words):
+    import torch
+
+    if device == "cuda:0" and torch.cuda.is_available():
+        words = ["--device cuda:0"] if torch.cuda.device_count() == 0 else pytest.skip("a GPU is here")
+    make_image().save(tmp_path / "p.png")
+    one_error_line(*ask(tmp_path / "p.png", Q, "--device", device), *words)
+
+
+def test_output_piped_into_a_reader_that_stops_ends_without_a_traceback(tiny_dir, tmp_path):
+    """``... | head -c 0``: the reader is gone before the answer is written."""
+    import os
+    import subprocess
+    import sys
+
+    make_image().save(tmp_path / "p.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    commands = [["llama3vision_min", "ask", Q, "--image", str(tmp_path / "p.png"), "--model", str(tiny_dir),
+                 "--greedy", "--max-new-tokens", "2"],
+                ["llama3vision_min.miniature", "sample", "3"]]
+    processes = [subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, text=True) for command in commands]
+    for process in processes:
+        process.stdout.close()  # the reader leaves at once
+    for process in processes:
+        stderr = process.stderr.read()
+        assert process.wait(timeout=120) == 1 and "Traceback" not in stderr and "Broken" not in stderr, stderr
+
+
 @pytest.mark.parametrize("spoil, words", [
     (lambda f: (f / "config.json").write_text("[]"), ["could not load model", "must hold a JSON object"]),
     (lambda f: (shard_checkpoint(f), (f / "model.safetensors.index.json").write_text("{}")),
@@ -176,7 +212,10 @@ def miniature(capfd):
     (["eval", "--n", "many"], ["invalid _positive_int value"]),
     (["train", "--stage", "E"], ["invalid choice: 'E'"]),
     (["sample"], ["seed"]),
-], ids=["n-zero", "n-negative", "threads-zero", "n-text", "stage-E", "sample-no-seed"])
+    (["sample", str(2**70)], ["seed: must lie in [0, 2**32)"]),
+    (["train", "--seed", "-1"], ["--seed: must lie in [0, 2**32), got -1"]),
+], ids=["n-zero", "n-negative", "threads-zero", "n-text", "stage-E", "sample-no-seed", "sample-seed-huge",
+        "train-seed-negative"])
 def test_miniature_usage_errors(argv, words, capfd):
     from llama3vision_min.miniature.__main__ import main
 
@@ -194,6 +233,20 @@ def test_miniature_sample_never_overwrites_a_file(miniature, tmp_path):
     (tmp_path / "mine.png").write_bytes(b"mine")
     one_error_line(*miniature("sample", "3", "--save", str(tmp_path / "mine.png")), "exists", "mine.png")
     assert (tmp_path / "mine.png").read_bytes() == b"mine"
+
+
+def test_miniature_sample_never_writes_through_a_dangling_link(miniature, tmp_path):
+    (tmp_path / "link.png").symlink_to(tmp_path / "elsewhere" / "target.png")
+    one_error_line(*miniature("sample", "3", "--save", str(tmp_path / "link.png")), "exists", "link.png")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_miniature_train_refuses_a_report_that_is_not_its_own(miniature, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text("[1, 2]")
+    one_error_line(*miniature("train", "--stage", "A", "--quick", "--out", str(tmp_path / "run")),
+                   "report.json", "a JSON list, not an object")
+    assert (tmp_path / "run" / "report.json").read_text() == "[1, 2]"
 
 
 @pytest.mark.parametrize("name, words", [("no-such-folder/p.png", ["could not save"]),
@@ -308,6 +361,68 @@ def test_stage1_out_is_a_file(stage1, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_stage1_a_global_batch_that_is_not_a_multiple_stops_the_run_before_any_model_loads(stage1, tmp_path,
+                                                                                           monkeypatch):
+    from llama3vision_min.model import LlamaVision
+
+    monkeypatch.setattr(LlamaVision, "from_alpha", lambda *a, **k: pytest.fail("a model was loaded"))
+    one_error_line(*stage1("--global-batch", "10", "--per-device-batch", "4", out=tmp_path / "out"),
+                   "global_batch (10) must be a multiple of per_device_batch x processes (4 x 1)")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda path: path.write_text("not a picture"), ["'0.png' cannot be read as a picture"]),
+    (lambda path: path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"),
+     ["'0.png' cannot be read as a picture", "PNG, JPEG"]),
+], ids=["text-named-png", "postscript"])
+def test_a_file_that_is_not_a_picture_is_found_up_front(pretrain, make, words):
+    """Before: a text file named .png crashed the run mid-training, in a data-loading worker."""
+    from llama3vision_min.training.data import LlavaPretrain
+
+    data, images, entries = pretrain
+    make(images / "0.png")
+    refused(lambda: LlavaPretrain(_write(data, entries), images), "example 0", *words)
+
+
+def test_a_link_out_of_the_images_folder_is_refused_but_a_hub_caches_links_are_read(pretrain, tmp_path):
+    """A symbolic link may not read a file outside the folder -- except inside the Hugging Face cache
+    repository the folder is a snapshot of, where huggingface_hub keeps every file as a link into blobs/."""
+    from llama3vision_min.training.data import LlavaPretrain
+
+    data, images, entries = pretrain
+    make_image(size=(20, 20)).save(tmp_path / "secret.png")
+    (images / "0.png").unlink()
+    (images / "0.png").symlink_to(tmp_path / "secret.png")
+    refused(lambda: LlavaPretrain(_write(data, entries), images), "example 0", "a link to", "outside")
+    repo = tmp_path / "hub" / "datasets--liuhaotian--LLaVA-Pretrain"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "images").mkdir(parents=True)
+    for i in range(3):
+        make_image(size=(20, 20), seed=i).save(repo / "blobs" / f"{i}hash", format="PNG")
+        (repo / "snapshots" / "abc123" / "images" / f"{i}.png").symlink_to(f"../../../blobs/{i}hash")
+    assert len(LlavaPretrain(_write(data, entries), repo / "snapshots" / "abc123" / "images")) == 3
+
+
+def test_stage1_a_loss_that_turns_nan_saves_nothing(pretrain, tiny_dir, tmp_path):
+    """Before: --lr inf exited 0 with a non-finite projector saved."""
+    from llama3vision_min import LlamaVision
+    from llama3vision_min.loading import load_tokenizer
+    from llama3vision_min.training.data import LlavaPretrain
+    from llama3vision_min.training.stage1 import train_stage1
+
+    data, images, entries = pretrain
+    model, tokenizer = LlamaVision.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    with torch.no_grad():
+        model.mm_projector.model[0].bias[0] = float("nan")
+    dataset = LlavaPretrain(_write(data, entries), images)
+    refused(lambda: train_stage1(model, dataset, tokenizer, tmp_path / "out", global_batch=2,
+                                 per_device_batch=2, mixed_precision="no", progress=False),
+            "the loss became nan after 0 updates", "nothing was saved")
+    refused(lambda: train_stage1(model, dataset, tokenizer, tmp_path / "out", lr=float("inf")),
+            "lr must be a finite number above 0, got inf")
+    assert not (tmp_path / "out" / "mm_projector.safetensors").exists()
+
+
 def test_stage1_warmup_outside_zero_to_one(stage1, tmp_path):
     one_error_line(*stage1("--warmup-ratio", "1.5", out=tmp_path / "out"), "--warmup-ratio", "1.5")
 
@@ -315,9 +430,49 @@ def test_stage1_warmup_outside_zero_to_one(stage1, tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--per-device-batch", "0"], ["--per-device-batch: must be at least 1"]),
     (["--global-batch", "-8"], ["--global-batch: must be at least 1"]),
-    (["--lr", "0"], ["--lr: must be above 0"]),
+    (["--lr", "0"], ["--lr: must be a finite number above 0"]),
+    (["--lr", "inf"], ["--lr: must be a finite number above 0, got inf"]),
+    (["--lr", "nan"], ["--lr: must be a finite number above 0, got nan"]),
     (["--max-steps", "0"], ["--max-steps: must be at least 1"]),
     (["--limit", "-1"], ["--limit: must be at least 1"]),
-], ids=["batch-zero", "global-negative", "lr-zero", "steps-zero", "limit-negative"])
+    (["--num-workers", "-2"], ["--num-workers: must be at least 0, got -2"]),
+    (["--seed", str(2**64)], ["--seed: must lie in [0, 2**32)"]),
+], ids=["batch-zero", "global-negative", "lr-zero", "lr-inf", "lr-nan", "steps-zero", "limit-negative",
+        "workers-negative", "seed-huge"])
 def test_stage1_usage_errors(stage1, tmp_path, capfd, argv, words):
     usage_error(lambda: stage1(*argv, out=tmp_path / "out"), capfd, *words)
+
+
+# == several at once ===============================================================================
+def test_the_tiny_stand_ins_cache_is_private_and_checked(tmp_path, monkeypatch, capfd):
+    """It lived in the shared temp folder, under a name anyone could guess -- and ``--model tiny`` loaded
+    whatever sat there. Now: this user's cache, refused when others could write into it."""
+    from llama3vision_min.miniature.stand_ins import private_cache
+    from llama3vision_min.tools.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = private_cache()
+    assert cache == tmp_path / "llama3vision_min" and cache.stat().st_mode & 0o077 == 0
+    cache.chmod(0o777)
+    make_image().save(tmp_path / "p.png")
+    code = main(["ask", Q, "--image", str(tmp_path / "p.png"), "--model", "tiny"])
+    one_error_line(code, capfd.readouterr(), "must belong to you and be writable by you alone")
+
+
+def test_processes_building_the_tiny_stand_in_at_once_each_get_a_whole_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    script = ("from llama3vision_min.miniature.stand_ins import load_tiny\n"
+              "model, tokenizer = load_tiny()\n"
+              "print(float(model.mm_projector.model[0].weight.sum()))")
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, text=True) for _ in range(3)]
+    results = [(process.wait(timeout=300), *process.communicate()) for process in processes]
+    assert all(code == 0 for code, _, _ in results), results
+    assert len({out for _, out, _ in results}) == 1  # the same model for each
+    names = [path.name for path in (tmp_path / "llama3vision_min").iterdir()]
+    assert len(names) == 1 and not names[0].startswith("."), names  # one whole model, no partial copy
+
