@@ -15,6 +15,7 @@ Sources: https://huggingface.co/qresearch/llama-3-vision-alpha-hf/tree/main, the
 """
 
 import json
+import threading
 from pathlib import Path
 
 from safetensors import safe_open
@@ -23,6 +24,11 @@ from .generation import reset_generation_config
 from .projector import ProjectionModule, load_projector, projector_key
 
 SKIPPED = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers older transformers saved
+
+BUILDING = threading.RLock()
+"""Held while modules are built on the meta device and filled: accelerate's ``init_empty_weights`` patches
+``nn.Module`` for the whole process, so a load in another thread would see its parameters moved there.
+Loads from several threads run one after another; other code making modules meanwhile is not covered."""
 
 
 def model_key(key, nested_siglip=False):
@@ -225,7 +231,7 @@ def load_hf_layout(cls, path_or_hub_id):
     for key in [key for key in state if key.startswith("mm_projector.")]:
         if state[key].is_floating_point() and not state[key].isfinite().all():
             raise ValueError(f"{folder}: {key} holds NaN or infinite values")
-    with init_empty_weights():
+    with BUILDING, init_empty_weights():  # the lock until the weights are in (see BUILDING)
         try:  # what the size checks cannot see, e.g. a RoPE type transformers does not know
             model = cls(vision_model=SiglipVisionModel(vision_config),
                         text_model=AutoModelForCausalLM.from_config(text_config),
@@ -233,11 +239,12 @@ def load_hf_layout(cls, path_or_hub_id):
         except (ArithmeticError, LookupError, TypeError, AttributeError) as error:
             raise ValueError(f"{folder}: config.json describes a model transformers cannot build: "
                              f"{type(error).__name__}: {error}") from None
-    if _nests_siglip(model.vision_model):
-        state = {model_key(key, nested_siglip=True): tensor for key, tensor in state.items()}
-    load_strict(model, state, folder)
-    if text_config.tie_word_embeddings:
-        model.text_model.tie_weights()
+    with BUILDING:
+        if _nests_siglip(model.vision_model):
+            state = {model_key(key, nested_siglip=True): tensor for key, tensor in state.items()}
+        load_strict(model, state, folder)
+        if text_config.tie_word_embeddings:
+            model.text_model.tie_weights()
     reset_generation_config(model.text_model)
     return model
 
@@ -256,10 +263,11 @@ def load_vision_tower(path_or_hub_id):
                           key.removeprefix("vision_model."))
     if not any(key.startswith("head.") for key in state):
         vision_config.vision_use_head = False
-    with init_empty_weights():
+    with BUILDING, init_empty_weights():
         tower = SiglipVisionModel(vision_config)
-    nested = "vision_model." * _nests_siglip(tower)
-    return load_strict(tower, {nested + key: tensor for key, tensor in state.items()}, folder)
+    with BUILDING:
+        nested = "vision_model." * _nests_siglip(tower)
+        return load_strict(tower, {nested + key: tensor for key, tensor in state.items()}, folder)
 
 
 # -- the alpha form ------------------------------------------------------------------------------------
@@ -283,7 +291,8 @@ def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=Fal
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dtype)
         llm_kwargs["device_map"] = {"": str(device)}
     try:
-        text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
+        with BUILDING:  # transformers builds on the meta device too
+            text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
     except (ArithmeticError, LookupError, TypeError, AttributeError) as error:  # e.g. head_dim 0
         raise ValueError(f"the LLM {llm!r} cannot be built from its config: {type(error).__name__}: "
                          f"{error}") from None

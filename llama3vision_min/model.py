@@ -185,10 +185,11 @@ class LlamaVision(nn.Module):
         else float32 (``choose_dtype``). ``implementation="scratch"``: the towers are ``scratch/``'s.
         """
         check_implementation(implementation)
-        model = loading.load_hf_layout(cls, path_or_hub_id)  # on the CPU, as stored
-        device = choose_device(device)
-        model.to(device=device, dtype=dtype or choose_dtype(device, model.mm_projector.model[0].weight.dtype))
-        return take_over(model, implementation)
+        with loading.BUILDING:  # one load at a time (see loading.BUILDING): safe from several threads
+            model = loading.load_hf_layout(cls, path_or_hub_id)  # on the CPU, as stored
+            device, stored = choose_device(device), model.mm_projector.model[0].weight.dtype
+            model.to(device=device, dtype=dtype or choose_dtype(device, stored))
+            return take_over(model, implementation)
 
     @classmethod
     def from_alpha(cls, llm, vision, projector, dtype=None, device=None, load_in_4bit=False,
@@ -202,9 +203,10 @@ class LlamaVision(nn.Module):
         check_implementation(implementation)
         device = choose_device(device)
         dtype = dtype or choose_dtype(device, stored_dtype(llm))
-        model = loading.load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit,
-                                        load_in_8bit)
-        return take_over(model, implementation)
+        with loading.BUILDING:
+            model = loading.load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit,
+                                            load_in_8bit)
+            return take_over(model, implementation)
 
     def save_pretrained(self, path, max_shard_size="5GB"):
         """Write this model in the ``-hf`` layout that ``from_pretrained`` reads: SigLIP's keys nested, as

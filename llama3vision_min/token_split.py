@@ -22,9 +22,16 @@ LLaVA's helper of the same name in ``llava/mm_utils.py``
 ``tokenizer_image_token`` in ``llama3vision_original.py`` at the top of this repository.
 """
 
+import threading
+
 import torch
 
 from .constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+
+TOKENIZING = threading.RLock()
+"""Held while a tokenizer runs here: ``split_special_tokens`` works by switching a setting of the fast
+tokenizer itself, so a second thread tokenizing meanwhile would read ``<|eot_id|>`` as plain text (or the
+other way round) -- prompts of the wrong length, answers and attention maps of the wrong prompt."""
 
 
 def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX, return_tensors=None):
@@ -41,7 +48,8 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
     _check_utf8(prompt)
 
     chunks = prompt.split(IMAGE_PLACEHOLDER)
-    chunk_ids = [list(tokenizer(chunk).input_ids) for chunk in chunks]
+    with TOKENIZING:
+        chunk_ids = [list(tokenizer(chunk).input_ids) for chunk in chunks]
 
     ids = chunk_ids[0]
     adds_bos = len(ids) > 0 and ids[0] == tokenizer.bos_token_id
@@ -73,7 +81,8 @@ def prompt_ids(segments, tokenizer, special_tokens_in_text=False, continuation=F
         if kind == "image":
             ids.append(image_token_index)
         else:
-            piece = list(tokenizer(text, split_special_tokens=(kind == "text")).input_ids)
+            with TOKENIZING:
+                piece = list(tokenizer(text, split_special_tokens=(kind == "text")).input_ids)
             ids += _without_bos(piece, tokenizer) if ids or continuation else piece
     return torch.tensor(ids, dtype=torch.long)  # (seq_len,)
 
@@ -98,4 +107,5 @@ def continuation_ids(text, tokenizer):
     The same rule as for the later chunks above; used wherever a prompt is built piece by
     piece (a chat's next turn, an answer appended to a prompt).
     """
-    return _without_bos(list(tokenizer(text).input_ids), tokenizer)
+    with TOKENIZING:
+        return _without_bos(list(tokenizer(text).input_ids), tokenizer)

@@ -9,6 +9,7 @@ that directly).
 """
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -65,19 +66,25 @@ def grid_side(patches):
     return side
 
 
+SWITCHING = threading.Lock()
+"""Held while a model runs with its attention switched to eager: a second thread would otherwise switch
+it back under the first (before: one of three threads failed, the others' maps were up to 0.03 off)."""
+
+
 @contextlib.contextmanager
 def eager_attention(text_model):
     """transformers' LLM with its plain ("eager") attention for the block, which can return its weights
     (SDPA and flash attention cannot); the from-scratch ``LlamaLM`` returns them as it is."""
-    before = getattr(text_model.config, "_attn_implementation", None)
-    if isinstance(text_model, LlamaLM) or before in (None, "eager"):
-        yield text_model
-        return
-    text_model.set_attn_implementation("eager")
-    try:
-        yield text_model
-    finally:
-        text_model.set_attn_implementation(before)
+    with SWITCHING:
+        before = getattr(text_model.config, "_attn_implementation", None)
+        if isinstance(text_model, LlamaLM) or before in (None, "eager"):
+            yield text_model
+            return
+        text_model.set_attn_implementation("eager")
+        try:
+            yield text_model
+        finally:
+            text_model.set_attn_implementation(before)
 
 
 @torch.no_grad()

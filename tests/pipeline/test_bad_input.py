@@ -592,3 +592,53 @@ def test_the_lens_scores_only_an_answer_of_token_ids(tiny, answer_ids, words):
     model, tokenizer = tiny
     refused(lambda: occlusion_map(model, tokenizer, make_image(), Q, answer_ids=answer_ids), *words)
 
+
+
+# == several threads at once =======================================================================
+def _in_threads(call, n):
+    """``call()`` in ``n`` threads started together; returns their results, or raises the first error."""
+    import threading
+
+    results, errors, start = [None] * n, [], threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = call()
+        except Exception as error:  # noqa: BLE001 -- reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_loading_from_several_threads_at_once(tiny, tiny_dir):
+    """Before: 'Cannot copy out of meta tensor' in all but one (accelerate's init_empty_weights patches
+    nn.Module for the whole process), and a Linear made afterwards could stay on the meta device."""
+    models = _in_threads(lambda: LlamaVision.from_pretrained(tiny_dir), 4)
+    reference = tiny[0].state_dict()
+    for model in models:
+        assert all(torch.equal(tensor, reference[key]) for key, tensor in model.state_dict().items())
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def test_asking_and_looking_from_several_threads_at_once(tiny):
+    """Before: prompts of the wrong length now and then (split_special_tokens switches the tokenizer
+    itself), and the lens switched a model's attention back under another thread."""
+    from llama3vision_min.lens import patch_attention
+
+    model, tokenizer = tiny
+    image = make_image(size=(40, 40))
+    answer = model.answer_question(image, Q, tokenizer, do_sample=False, max_new_tokens=4)
+    assert all(torch.equal(ids, answer) for ids in _in_threads(
+        lambda: model.answer_question(image, Q, tokenizer, do_sample=False, max_new_tokens=4), 3))
+    reference = patch_attention(model, tokenizer, image, Q)
+    for _ in range(3):
+        assert all(torch.equal(found, reference)
+                   for found in _in_threads(lambda: patch_attention(model, tokenizer, image, Q), 3))
