@@ -32,15 +32,17 @@ Loads from several threads run one after another; other code making modules mean
 
 
 def model_key(key, nested_siglip=False):
-    """A -hf checkpoint key in any of its forms as ``LlamaVision`` names it (None: not the model's). The
-    projector's four forms become one; SigLIP's keys, nested (``vision_model.vision_model.X``, as
-    transformers 4.x writes them) or flat, come out flat, or nested with ``nested_siglip=True``."""
+    """A -hf checkpoint key in any of its forms as ``LlamaVision`` names it (a key of no part is refused,
+    not ignored). The projector's four forms become one; SigLIP's keys, nested (``vision_model.vision_model.
+    X``, as transformers 4.x writes them) or flat, come out flat, or nested with ``nested_siglip=True``."""
     if projector_key(key):
         return "mm_projector." + projector_key(key)
     part, _, inner = key.partition(".")
     if part == "vision_model":
         return "vision_model." + "vision_model." * nested_siglip + inner.removeprefix("vision_model.")
-    return key if part in ("text_model", "mm_projector") else None
+    if part not in ("text_model", "mm_projector"):
+        raise ValueError(f"{key} belongs to no part of the model (text_model., vision_model., mm_projector.)")
+    return key
 
 
 def _nests_siglip(tower):
@@ -148,12 +150,11 @@ def _read_weights(folder, name_of):
                 for key in handle.keys():
                     name = name_of(key)
                     if name in state:
-                        raise ValueError(f"{file}: {key} holds {name} a second time "
-                                         "(two key forms in one file)")
+                        raise ValueError(f"{key} holds {name} a second time (two key forms in one file)")
                     if name is not None:
                         state[name] = handle.get_tensor(key)
-        except ValueError:
-            raise
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from None
         except Exception as error:  # safetensors raises its own SafetensorError type
             raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
     return state

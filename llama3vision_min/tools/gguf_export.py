@@ -69,6 +69,11 @@ def check_exportable(model):
         raise ValueError(f"GGUF export writes a Llama LLM (silu), got {text.model_type!r}")
     if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
         raise ValueError("GGUF export writes Llama without biases in attention and MLP, as Llama 3 is")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head_dim * text.num_attention_heads != text.hidden_size:  # llama.cpp's Llama derives it so
+        raise ValueError(f"GGUF export writes head_dim = hidden_size / num_attention_heads (llama.cpp "
+                         f"refuses other values), got head_dim {head_dim} for {text.hidden_size} / "
+                         f"{text.num_attention_heads}")
     if "siglip" not in vision.model_type or vision.hidden_act != "gelu_pytorch_tanh":
         raise ValueError(f"GGUF export writes a SigLIP tower with tanh-GELU, got {vision.model_type!r} "
                          f"({getattr(vision, 'hidden_act', None)})")

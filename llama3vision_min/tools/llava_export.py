@@ -48,6 +48,7 @@ from ..constants import DEFAULT_TEMPERATURE, EOT_TOKEN
 from ..generation import stop_token_ids
 from ..image import make_processor
 from ..model import with_legacy_rope
+from ..prompt import build_chat_prompt
 from .atomic import new_folder
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
@@ -97,6 +98,11 @@ def image_token_id(tokenizer, text_model, image_token=IMAGE_TOKEN):
     if tokenizer(image_token, add_special_tokens=False).input_ids != [token_id]:
         raise ValueError(f"{image_token!r} is not tokenized as one special token; "
                          "the processor could not find it")
+    taken = {tokenizer.bos_token_id, tokenizer.pad_token_id, *stop_token_ids(tokenizer)}
+    prompt = build_chat_prompt([("question", "answer"), ("question", None)])
+    if token_id in taken or image_token in prompt:
+        raise ValueError(f"{image_token!r} already has a job in the prompt (the chat format, a stop or "
+                         "padding token): pick an unused reserved special token")
     return token_id
 
 

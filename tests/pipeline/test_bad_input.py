@@ -500,6 +500,15 @@ def test_two_key_forms_of_one_weight_are_refused(folder, extra, words):
     refused(lambda: LlamaVision.from_pretrained(folder), *words)
 
 
+def test_a_key_of_no_part_of_the_model_is_refused_not_ignored(folder):
+    """Before: a checkpoint written under other names (here LLaVA's) lost those weights without a word."""
+    state = load_file(str(folder / "model.safetensors"))
+    state["language_model.model.embed_tokens.weight"] = state["text_model.model.embed_tokens.weight"].clone()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    refused(lambda: LlamaVision.from_pretrained(folder), "language_model.model.embed_tokens.weight",
+            "belongs to no part of the model")
+
+
 def test_integer_weights_in_a_checkpoint_are_refused_by_name(folder):
     state = load_file(str(folder / "model.safetensors"))
     state["text_model.model.norm.weight"] = state["text_model.model.norm.weight"].to(torch.int32)

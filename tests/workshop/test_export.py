@@ -274,6 +274,15 @@ def test_an_export_that_fails_half_way_leaves_no_folder_and_the_retry_works(tiny
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("token", ["<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>"])
+def test_an_image_token_that_already_has_a_job_is_refused(tiny, tmp_path, token):
+    """Before: accepted, and the export broken (every <|eot_id|> read as a picture)."""
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="already has a job in the prompt"):
+        export_llava(model, tokenizer, tmp_path / "out", image_token=token)
+    assert not (tmp_path / "out").exists()
+
+
 def test_exporting_over_an_export_is_refused_and_leaves_it_whole(tiny, tmp_path):
     """Over a sharded export a new one would leave an index naming deleted shards: refused instead."""
     model, tokenizer = tiny

@@ -323,6 +323,14 @@ def test_a_rope_type_gguf_cannot_express_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_head_dim_llama_cpp_would_refuse_is_refused_before_writing(tmp_path):
+    model, tokenizer = load_mini()
+    model.text_model.config.head_dim = 32  # not hidden_size / num_attention_heads
+    with pytest.raises(ValueError, match="head_dim = hidden_size / num_attention_heads"):
+        export_gguf(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_a_4bit_model_is_refused(fake_hub, tmp_path):
     from llama3vision_min.tools.backend import REAL_LLM, REAL_PROJECTOR, REAL_VISION
