@@ -44,6 +44,8 @@ def answer_tensor(answer_ids):
     """``answer_ids`` (a list or 1-D tensor of token ids) as a (n,) long tensor on the CPU; anything else --
     fractions, a 2-D batch, booleans -- is refused, not truncated or flattened."""
     answer = torch.as_tensor(answer_ids) if not isinstance(answer_ids, (str, bytes)) else None
+    if answer is not None and answer.dim() == 1 and answer.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)  # nothing to score: the caller says so
     if answer is None or answer.dim() != 1 or answer.is_floating_point() or answer.is_complex() \
             or answer.dtype == torch.bool:
         raise ValueError(f"answer_ids must be a list or 1-D tensor of token ids, got {answer_ids!r:.80}")

@@ -573,7 +573,7 @@ def test_a_projector_that_diverged_is_refused(tiny, tmp_path, folder):
     refused(lambda: LlamaVision.from_pretrained(folder), "mm_projector.model.0.weight", "NaN or infinite")
 
 
-# == the from-scratch towers and the lens ==========================================================
+# == the from-scratch towers =======================================================================
 @pytest.mark.parametrize("change, words", [
     (lambda c: c["text_config"].update(hidden_act="gelu"), ["LlamaLM", "hidden_act='gelu'"]),
     (lambda c: c["vision_config"].update(hidden_act="quick_gelu"),
@@ -587,20 +587,6 @@ def test_what_the_scratch_towers_do_not_compute_is_refused(folder, change, words
     LlamaVision.from_pretrained(folder)  # transformers computes each as configured
     refused(lambda: LlamaVision.from_pretrained(folder, implementation="scratch"), *words,
             'implementation="transformers"')
-
-
-@pytest.mark.parametrize("answer_ids, words", [
-    ([3.7, 5.2], ["1-D tensor of token ids", "3.7"]),
-    ([[3, 5], [7, 9]], ["1-D tensor of token ids", "[[3, 5], [7, 9]]"]),
-    (torch.tensor([True, False]), ["1-D tensor of token ids"]),
-    ("ab", ["1-D tensor of token ids", "'ab'"]),
-], ids=["fractions", "2-d", "booleans", "text"])
-def test_the_lens_scores_only_an_answer_of_token_ids(tiny, answer_ids, words):
-    from llama3vision_min.lens import occlusion_map
-
-    model, tokenizer = tiny
-    refused(lambda: occlusion_map(model, tokenizer, make_image(), Q, answer_ids=answer_ids), *words)
-
 
 
 # == several threads at once =======================================================================

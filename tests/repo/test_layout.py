@@ -26,16 +26,17 @@ def test_the_top_level_holds_the_model_and_nothing_else():
     names = [path.stem for path in TOP_LEVEL]
     assert len(names) <= 12, names
     # 1,162 when the layout was made; 1,593 before loading became one strict pass (issue 22), 1,451 after;
-    # 1,491 with issue 23's refusals at the doors they guard (configs, pictures, text)
-    assert sum(lines(path) for path in TOP_LEVEL) <= 1500, "the model's files should stay short"
+    # 1,518 with issue 23's refusals and locks at the doors they guard (configs, pictures, text, threads)
+    assert sum(lines(path) for path in TOP_LEVEL) <= 1530, "the model's files should stay short"
     assert set(PIPELINE) <= set(names), names
     assert {"tools", "training", "miniature"} <= {path.name for path in PACKAGE.iterdir() if path.is_dir()}
 
 
 def test_loading_stays_one_short_pass():
     """Both forms' loading: the folder, the configs, the one-pass checks of every tensor, one strict load."""
-    # 591 lines before issue 22, 285 after; issue 23's guards (kv heads, head_dim, RoPE types, NaN) 303
-    assert lines(PACKAGE / "loading.py") <= 305, "loading.py should stay short"
+    # 591 lines before issue 22, 285 after; 313 with issue 23's guards (kv heads, head_dim, RoPE types, NaN,
+    # keys of no part) and the lock that makes loading safe from several threads
+    assert lines(PACKAGE / "loading.py") <= 315, "loading.py should stay short"
 
 
 def test_the_from_scratch_towers_stay_under_250_lines_a_file():

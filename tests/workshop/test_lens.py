@@ -170,7 +170,15 @@ def test_the_logit_lens_ends_with_the_models_own_predictions(tiny_model):
      ["k must be a positive whole number", "1.5"]),
     (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, block=0), ["block must be", "0"]),
     (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, answer_ids=[]), ["at least one token"]),
-], ids=["layer", "heads", "k", "lens-k", "block", "empty-answer"])
+    # before: fractions truncated and a 2-D batch flattened, a map returned either way
+    (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, answer_ids=[3.7, 5.2]),
+     ["1-D tensor of token ids", "3.7"]),
+    (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, answer_ids=[[3, 5], [7, 9]]),
+     ["1-D tensor of token ids", "[[3, 5], [7, 9]]"]),
+    (lambda m, t: occlusion_map(m, t, make_image(), QUESTION, answer_ids=torch.tensor([True, False])),
+     ["1-D tensor of token ids"]),
+], ids=["layer", "heads", "k", "lens-k", "block", "empty-answer", "answer-fractions", "answer-2-d",
+        "answer-booleans"])
 def test_bad_arguments_are_refused(tiny, call, words):
     with pytest.raises(ValueError) as error:
         call(*tiny)
