@@ -21,12 +21,18 @@ Sources:
   (``mm_vision_select_layer = -2``), studied in LLaVA-1.5, arXiv 2310.03744
 """
 
+import threading
+
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
 import transformers
 
+
+RECORDING = threading.RLock()
+"""Held while a transformers model runs with ``output_hidden_states`` (or attentions): 4.57 records them by
+swapping its layers' ``forward`` for the call, so two threads at once would read each other's layers."""
 
 PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 """The file formats the command line and the trainer open: never PostScript, which Pillow renders by
@@ -113,7 +119,8 @@ def vision_features(vision_model, pixel_values):
     _check_pixel_values(pixel_values, vision_model.config.image_size)
     first = next(vision_model.parameters())
     pixel_values = pixel_values.to(device=first.device, dtype=first.dtype)
-    outputs = vision_model(pixel_values, output_hidden_states=True)
+    with RECORDING:
+        outputs = vision_model(pixel_values, output_hidden_states=True)
     return outputs.hidden_states[-2]  # (n_images, 729, 1152) for so400m at 384 px
 
 

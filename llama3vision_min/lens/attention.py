@@ -9,12 +9,12 @@ that directly).
 """
 
 import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
+from ..image import RECORDING
 from ..prompt import chat_segments
 from ..scratch.llama import LlamaLM
 from ..token_split import prompt_ids
@@ -68,16 +68,11 @@ def grid_side(patches):
     return side
 
 
-SWITCHING = threading.Lock()
-"""Held while a model runs with its attention switched to eager: a second thread would otherwise switch
-it back under the first (before: one of three threads failed, the others' maps were up to 0.03 off)."""
-
-
 @contextlib.contextmanager
 def eager_attention(text_model):
     """transformers' LLM with its plain ("eager") attention for the block, which can return its weights
     (SDPA and flash attention cannot); the from-scratch ``LlamaLM`` returns them as it is."""
-    with SWITCHING:
+    with RECORDING:  # a second thread would switch the attention back under the first
         before = getattr(text_model.config, "_attn_implementation", None)
         if isinstance(text_model, LlamaLM) or before in (None, "eager"):
             yield text_model

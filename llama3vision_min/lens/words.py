@@ -10,6 +10,7 @@ decoder layer, through the LLM's output head (nostalgebraist's "logit lens", 202
 import torch
 import torch.nn.functional as F
 
+from ..image import RECORDING
 from .attention import spliced_prompt
 
 
@@ -43,8 +44,9 @@ def logit_lens(model, tokenizer, image, question, k=1):
         raise ValueError(f"k must be a positive whole number, got {k!r}")
     prompt = spliced_prompt(model, tokenizer, image, question)
     text_model = model.text_model
-    states = text_model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                        output_hidden_states=True).hidden_states  # (n_layers + 1) x (1, T, width)
+    with RECORDING:
+        states = text_model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                            output_hidden_states=True).hidden_states  # (n_layers + 1) x (1, T, width)
     norm, head = text_model.model.norm, text_model.get_output_embeddings()
     out = []
     for depth, state in enumerate(states):

@@ -625,8 +625,9 @@ def test_loading_from_several_threads_at_once(tiny, tiny_dir):
 
 def test_asking_and_looking_from_several_threads_at_once(tiny):
     """Before: prompts of the wrong length now and then (split_special_tokens switches the tokenizer
-    itself), and the lens switched a model's attention back under another thread."""
-    from llama3vision_min.lens import patch_attention
+    itself), hidden states of another thread's call (transformers 4.57 records them by swapping its layers'
+    forward), and the lens switched a model's attention back under another thread."""
+    from llama3vision_min.lens import logit_lens, patch_attention
 
     model, tokenizer = tiny
     image = make_image(size=(40, 40))
@@ -637,3 +638,5 @@ def test_asking_and_looking_from_several_threads_at_once(tiny):
     for _ in range(3):
         assert all(torch.equal(found, reference)
                    for found in _in_threads(lambda: patch_attention(model, tokenizer, image, Q), 3))
+    readings = logit_lens(model, tokenizer, image, Q)
+    assert all(found == readings for found in _in_threads(lambda: logit_lens(model, tokenizer, image, Q), 3))
