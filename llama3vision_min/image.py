@@ -119,7 +119,7 @@ def vision_features(vision_model, pixel_values):
     _check_pixel_values(pixel_values, vision_model.config.image_size)
     first = next(vision_model.parameters())
     pixel_values = pixel_values.to(device=first.device, dtype=first.dtype)
-    with RECORDING:
+    with RECORDING:  # one such call at a time: transformers 4.57 records by swapping layers' forward
         outputs = vision_model(pixel_values, output_hidden_states=True)
     return outputs.hidden_states[-2]  # (n_images, 729, 1152) for so400m at 384 px
 
