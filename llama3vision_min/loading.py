@@ -217,7 +217,7 @@ def load_strict(module, state, folder):
 
 def load_hf_layout(cls, path_or_hub_id):
     """The -hf form on the CPU, as stored: the configs and every tensor read and checked, the three parts
-    built on the meta device and filled in one strict load."""
+    built on the meta device and filled in one strict load (the caller holds ``BUILDING``)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, SiglipVisionModel
 
@@ -232,7 +232,7 @@ def load_hf_layout(cls, path_or_hub_id):
     for key in [key for key in state if key.startswith("mm_projector.")]:
         if state[key].is_floating_point() and not state[key].isfinite().all():
             raise ValueError(f"{folder}: {key} holds NaN or infinite values")
-    with BUILDING, init_empty_weights():  # the lock until the weights are in (see BUILDING)
+    with init_empty_weights():  # the caller holds BUILDING (LlamaVision.from_pretrained)
         try:  # what the size checks cannot see, e.g. a RoPE type transformers does not know
             model = cls(vision_model=SiglipVisionModel(vision_config),
                         text_model=AutoModelForCausalLM.from_config(text_config),
@@ -240,12 +240,11 @@ def load_hf_layout(cls, path_or_hub_id):
         except (ArithmeticError, LookupError, TypeError, AttributeError) as error:
             raise ValueError(f"{folder}: config.json describes a model transformers cannot build: "
                              f"{type(error).__name__}: {error}") from None
-    with BUILDING:
-        if _nests_siglip(model.vision_model):
-            state = {model_key(key, nested_siglip=True): tensor for key, tensor in state.items()}
-        load_strict(model, state, folder)
-        if text_config.tie_word_embeddings:
-            model.text_model.tie_weights()
+    if _nests_siglip(model.vision_model):
+        state = {model_key(key, nested_siglip=True): tensor for key, tensor in state.items()}
+    load_strict(model, state, folder)
+    if text_config.tie_word_embeddings:
+        model.text_model.tie_weights()
     reset_generation_config(model.text_model)
     return model
 
@@ -264,16 +263,17 @@ def load_vision_tower(path_or_hub_id):
                           key.removeprefix("vision_model."))
     if not any(key.startswith("head.") for key in state):
         vision_config.vision_use_head = False
-    with BUILDING, init_empty_weights():
-        tower = SiglipVisionModel(vision_config)
-    with BUILDING:
+    with BUILDING:  # built on the meta device and filled before another load may start
+        with init_empty_weights():
+            tower = SiglipVisionModel(vision_config)
         nested = "vision_model." * _nests_siglip(tower)
         return load_strict(tower, {nested + key: tensor for key, tensor in state.items()}, folder)
 
 
 # -- the alpha form ------------------------------------------------------------------------------------
 def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=False, load_in_8bit=False):
-    """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision`` in ``dtype`` on ``device``.
+    """Any Llama 3 LLM + a SigLIP model + a projector file -> ``LlamaVision`` in ``dtype`` on ``device``
+    (the caller holds ``BUILDING``: transformers builds on the meta device too).
 
     ``projector``: a file, a folder holding ``mm_projector.*`` or a Hub id; None starts a fresh, untrained
     projector (stage-1 training). ``load_in_4bit`` / ``load_in_8bit`` quantise the LLM with bitsandbytes
@@ -292,8 +292,7 @@ def load_alpha_form(cls, llm, vision, projector, dtype, device, load_in_4bit=Fal
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dtype)
         llm_kwargs["device_map"] = {"": str(device)}
     try:
-        with BUILDING:  # transformers builds on the meta device too
-            text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
+        text_model = reset_generation_config(AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs))
     except (ArithmeticError, LookupError, TypeError, AttributeError) as error:  # e.g. head_dim 0
         raise ValueError(f"the LLM {llm!r} cannot be built from its config: {type(error).__name__}: "
                          f"{error}") from None

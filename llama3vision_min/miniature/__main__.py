@@ -116,7 +116,10 @@ def main(argv=None):
             import torch
 
             torch.set_num_threads(args.threads)
-            eval_command(args) if args.command == "eval" else train_command(args)
+            if args.command == "eval":
+                eval_command(args)
+            else:
+                train_command(args)
         sys.stdout.flush()
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
