@@ -266,6 +266,7 @@ def load_vision_tower(path_or_hub_id):
     with BUILDING:  # built on the meta device and filled before another load may start
         with init_empty_weights():
             tower = SiglipVisionModel(vision_config)
+        tower.config.name_or_path = str(path_or_hub_id)  # recorded, as from_pretrained does
         nested = "vision_model." * _nests_siglip(tower)
         return load_strict(tower, {nested + key: tensor for key, tensor in state.items()}, folder)
 

@@ -11,6 +11,7 @@ LLaVA's stage 1, which trains on the bare caption after the picture, the prompt 
 chat prompt (``build_prompt``), the format the projector is used with.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -98,11 +99,47 @@ class LlavaPretrain(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.examples)
 
+    def fingerprint(self):
+        """A digest of the examples (picture names, questions, captions), so that a checkpoint is never
+        resumed on other data."""
+        text = json.dumps([(str(path.relative_to(self.image_folder)), question, answer)
+                           for path, question, answer in self.examples])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def __getitem__(self, index):
         path, question, answer = self.examples[index]
         with Image.open(path, formats=PICTURE_FORMATS) as image:
             image.load()
             return {"image": image.copy(), "question": question, "answer": answer}
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """The order examples are read in: each epoch a permutation drawn from ``seed + epoch``, cut to
+    whole global batches.
+
+    It depends on nothing else -- not the number of processes, not the global random state -- so one
+    process and eight read the same global batches (accelerate deals them out, one per-device batch
+    per process in turn), and a resumed run reads the rest of the epoch it stopped in. The last
+    ``len(dataset) % global_batch`` examples of each epoch's order are left out (others next epoch):
+    every update sees a full global batch, and no process ever repeats an example to fill one.
+    """
+
+    def __init__(self, size, global_batch, seed):
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.used = size - size % global_batch
+        if not self.used:
+            raise ValueError(f"a global batch of {global_batch} needs at least that many examples, "
+                             f"got {size}")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator)[: self.used].tolist())
+
+    def __len__(self):
+        return self.used
 
 
 def example_ids(question, answer, tokenizer):

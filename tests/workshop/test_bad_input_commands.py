@@ -355,6 +355,16 @@ def test_stage1_never_overwrites_a_trained_projector(stage1, tmp_path):
     assert (tmp_path / "out" / "mm_projector.safetensors").read_bytes() == b"hours of training"
 
 
+def test_stage1_resume_needs_a_checkpoint_and_goes_without_overwrite(stage1, tmp_path):
+    one_error_line(*stage1("--resume", out=tmp_path / "out"), "--resume: no checkpoint-STEP folder in")
+    (tmp_path / "notes").mkdir()
+    one_error_line(*stage1("--resume", str(tmp_path / "notes"), out=tmp_path / "out"),
+                   "notes is not a checkpoint (no trainer_state.json")
+    one_error_line(*stage1("--resume", "--overwrite", out=tmp_path / "out"),
+                   "--resume and --overwrite go against each other")
+    assert not (tmp_path / "out").exists()
+
+
 def test_stage1_out_is_a_file(stage1, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     one_error_line(*stage1(out=tmp_path / "notes.txt"), "is a file")
@@ -437,8 +447,10 @@ def test_stage1_warmup_outside_zero_to_one(stage1, tmp_path):
     (["--limit", "-1"], ["--limit: must be at least 1"]),
     (["--num-workers", "-2"], ["--num-workers: must be at least 0, got -2"]),
     (["--seed", str(2**64)], ["--seed: must lie in [0, 2**32)"]),
+    (["--save-every", "0"], ["--save-every: must be at least 1"]),
+    (["--keep-last", "0"], ["--keep-last: must be at least 1"]),
 ], ids=["batch-zero", "global-negative", "lr-zero", "lr-inf", "lr-nan", "steps-zero", "limit-negative",
-        "workers-negative", "seed-huge"])
+        "workers-negative", "seed-huge", "save-every-zero", "keep-none"])
 def test_stage1_usage_errors(stage1, tmp_path, capfd, argv, words):
     usage_error(lambda: stage1(*argv, out=tmp_path / "out"), capfd, *words)
 

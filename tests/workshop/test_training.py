@@ -17,7 +17,7 @@ from llama3vision_min.projector import load_projector
 from llama3vision_min.training.data import Collator, LlavaPretrain, caption_example
 from llama3vision_min.training.stage1 import main, train_stage1
 
-from conftest import make_image
+from conftest import make_image, refused
 
 CAPTIONS = ["a dog on a red sofa", "two cups of coffee", "mountains at dawn", "a yellow bus in the rain",
             "a cat asleep", "boats in a harbour", "a bowl of soup", "an empty street"]
@@ -132,3 +132,68 @@ def test_the_default_llm_is_the_ungated_llama_3():
 
     args = parse_args(["--data", "d.json", "--images", "i", "--out", "o"])
     assert args.llm == "unsloth/llama-3-8b-Instruct" and args.vision == "google/siglip-so400m-patch14-384"
+
+
+# -- checkpoints (in this process; across processes and through the command line: test_stage1_processes.py) --
+def _train(model, tokenizer, dataset, out, **settings):
+    defaults = {"lr": 1e-3, "global_batch": 2, "per_device_batch": 2, "warmup_ratio": 0.0,
+                "mixed_precision": "no", "progress": False}
+    return train_stage1(model, dataset, tokenizer, out, **defaults | settings)
+
+
+def test_checkpoints_keep_the_last_few_and_say_where_the_run_stands(pretrain_dir, fresh_tiny, tmp_path):
+    from llama3vision_min.training.checkpoints import checkpoints, read_state
+
+    model, tokenizer = fresh_tiny
+    dataset = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images")
+    losses = _train(model, tokenizer, dataset, tmp_path, save_every=1, keep=2)  # 4 updates
+    assert sorted(checkpoints(tmp_path)) == [2, 3]  # none after the last update: the projector is there
+    state = read_state(tmp_path / "checkpoint-3")
+    assert state["update"] == 3 and [entry["loss"] for entry in state["history"]] == losses[:3]
+    assert state["scheduler"]["last_epoch"] == 3 and state["settings"]["global_batch"] == 2
+    assert not list(tmp_path.glob(".checkpoint-*"))
+
+
+def test_a_checkpoint_is_resumed_only_with_the_settings_it_was_written_with(pretrain_dir, fresh_tiny,
+                                                                             tmp_path):
+    model, tokenizer = fresh_tiny
+    dataset = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images")
+    _train(model, tokenizer, dataset, tmp_path / "run", save_every=1, max_steps=2)
+    before = model.mm_projector.state_dict()["model.0.weight"].clone()
+    refused(lambda: _train(model, tokenizer, dataset, tmp_path / "other", global_batch=4, max_steps=2,
+                           resume=tmp_path / "run" / "checkpoint-1"),
+            "checkpoint-1 was written with other settings", "global_batch 2 there, 4 now")
+    fewer = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images", limit=6)
+    refused(lambda: _train(model, tokenizer, fewer, tmp_path / "other", max_steps=2,
+                           resume=tmp_path / "run" / "checkpoint-1"), "examples 8 there, 6 now", "data ")
+    refused(lambda: _train(model, tokenizer, dataset, tmp_path / "other", resume=tmp_path / "run"),
+            "run is not a checkpoint", "expected OUT/checkpoint-STEP")
+    assert torch.equal(model.mm_projector.state_dict()["model.0.weight"], before)
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_run_killed_while_saving_leaves_the_last_checkpoint_whole(pretrain_dir, fresh_tiny, tmp_path,
+                                                                     monkeypatch):
+    from accelerate import Accelerator
+
+    from llama3vision_min.training.checkpoints import checkpoints
+
+    model, tokenizer = fresh_tiny
+    dataset = LlavaPretrain(pretrain_dir / "data.json", pretrain_dir / "images")
+    save_state, saves = Accelerator.save_state, []
+
+    def dies_in_the_second_save(self, folder, **kwargs):
+        saves.append(folder)
+        result = save_state(self, folder, **kwargs)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_in_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, tokenizer, dataset, tmp_path, save_every=1)
+    assert sorted(checkpoints(tmp_path)) == [1] and (tmp_path / ".checkpoint-2.partial").is_dir()
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    losses = _train(model, tokenizer, dataset, tmp_path, save_every=1, resume=tmp_path / "checkpoint-1")
+    assert len(losses) == 4 and sorted(checkpoints(tmp_path)) == [1, 2, 3]
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the half-written one was replaced
