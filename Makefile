@@ -77,7 +77,7 @@ notebooks: $(VENV)/.installed
 
 # Speed and memory, ratios measured in one run (see benchmarks/RESULTS.md).
 bench: $(VENV)/.installed
-	$(VENV)/bin/python benchmarks/bench.py --sizes tiny,medium,real
+	$(VENV)/bin/python benchmarks/bench.py --sizes tiny,medium,real --stage1
 
 # llama.cpp next to ours (GGUF export of the same weights): time to the first token and decode speed.
 bench-llama-cpp: llama-cpp

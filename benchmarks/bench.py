@@ -17,6 +17,9 @@ machine shared with other work shifts both sides alike. Rows per size:
 * with ``--llama-cpp`` (needs llama-cpp-python: ``make llama-cpp``): the same weights exported to GGUF
   (f32) and run by llama.cpp vs ours -- time to the first token and decode tokens/s, on the shipped miniature
   and the medium random model;
+* with ``--stage1``: the stage-1 trainer's command line in one process and in two (``accelerate launch``,
+  gloo), on the fake Hub's tiny model (``tests/fake_hub.py``) and generated pairs -- examples/s as the
+  trainer reports it (loading excluded), the same global batch on both sides;
 * the peak memory (resident set size above the start of the call) of each path.
 
 Sizes (random weights from ``llama3vision_min.miniature.stand_ins.SIZES``: speed only):
@@ -37,6 +40,9 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -399,6 +405,53 @@ def bench_llama_cpp(name, repeats=5, warmup=1, new_tokens=32, log=print):
     return rows
 
 
+# -- stage 1 in one process and in two ------------------------------------------------------
+def bench_stage1(repeats=3, pairs=64, epochs=2, log=print):
+    """One row: the stage-1 trainer's throughput in two processes vs one, runs interleaved, the
+    median of ``repeats`` each. Global batch 8 (per-device 4: accumulation 2 in one process, none in
+    two); each run is a fresh command (loading is outside the examples/s the trainer reports)."""
+    import json
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fake_hub import build_fake_hub
+
+    rates = {"1 process": [], "2 processes": []}
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        log("[stage 1] building the fake Hub ...")
+        home = build_fake_hub(folder / "hf-home")
+        (folder / "images").mkdir()
+        entries = []
+        for i, picture in enumerate(pictures(pairs)):
+            picture.save(folder / "images" / f"{i}.png")
+            entries.append({"image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the picture."},
+                {"from": "gpt", "value": f"a picture, number {i}"}]})
+        (folder / "data.json").write_text(json.dumps(entries))
+        env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1")
+        for run in range(repeats):
+            for name, launch in (("1 process", []),
+                                 ("2 processes", ["-m", "accelerate.commands.launch", "--multi_gpu",
+                                                  "--num_processes", "2", "--num_machines", "1",
+                                                  "--mixed_precision", "no", "--dynamo_backend", "no"])):
+                out = folder / f"out-{name[0]}-{run}"
+                argv = ["--data", str(folder / "data.json"), "--images", str(folder / "images"),
+                        "--out", str(out), "--global-batch", "8", "--per-device-batch", "4",
+                        "--epochs", str(epochs), "--num-workers", "0"]
+                trainer = ["-m", "llama3vision_min.training.stage1"]
+                done = subprocess.run([sys.executable, *launch, *trainer, *argv], env=env,
+                                      capture_output=True, text=True, timeout=600)
+                if done.returncode:
+                    raise RuntimeError(f"stage 1 in {name} failed: {done.stderr[-2000:]}")
+                rates[name].append(float(done.stdout.split(" examples/s")[0].rsplit(" ", 1)[-1]))
+                log(f"[stage 1] {name}: {rates[name][-1]:.1f} examples/s")
+    rate = {name: statistics.median(values) for name, values in rates.items()}
+    return [Row("tiny", f"stage 1 trainer, global batch 8 ({pairs} pairs x {epochs} epochs)", "2 processes",
+                "1 process", 8 / rate["2 processes"], 8 / rate["1 process"],
+                rate["2 processes"] / rate["1 process"], "examples/s 2 processes/1", "", None, None)]
+
+
 # -- printing ----------------------------------------------------------------------------------
 def _seconds(value):
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
@@ -444,6 +497,8 @@ def main(argv=None):
                         help="torch threads for every size (default: 1 for tiny and medium -- on a machine "
                              "shared with other jobs, more threads than free cores make small ops wait on "
                              "each other -- and all cores for real)")
+    parser.add_argument("--stage1", action="store_true",
+                        help="also the stage-1 trainer in one process vs two (tiny model, fake Hub)")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SETTINGS]
@@ -461,6 +516,8 @@ def main(argv=None):
         torch.set_num_threads(os.cpu_count())  # llama.cpp gets every core too
         for name in ("mini", "medium"):
             rows += bench_llama_cpp(name, repeats=2 if args.quick else 5, new_tokens=8 if args.quick else 32)
+    if args.stage1:
+        rows += bench_stage1(repeats=1 if args.quick else 3, pairs=16 if args.quick else 64)
     print()
     print(table(rows))
     return 0

@@ -365,6 +365,12 @@ def test_stage1_resume_needs_a_checkpoint_and_goes_without_overwrite(stage1, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_stage1_fewer_examples_than_one_global_batch(stage1, pretrain, tmp_path):
+    size = len(pretrain[2])
+    one_error_line(*stage1("--global-batch", str(16 * size), out=tmp_path / "out"),
+                   f"a global batch of {16 * size} needs at least that many examples, got {size}")
+
+
 def test_stage1_out_is_a_file(stage1, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     one_error_line(*stage1(out=tmp_path / "notes.txt"), "is a file")

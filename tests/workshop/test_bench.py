@@ -68,3 +68,11 @@ def test_the_llama_cpp_rows(capsys):
     assert [(r.comparison, r.a, r.b) for r in rows] == [("time to the first token", "llama.cpp", "ours"),
                                                         ("decode tokens/s (16 tokens)", "llama.cpp", "ours")]
     assert all(r.ratio > 0 and r.time_a > 0 and r.time_b > 0 for r in rows)
+
+
+def test_the_stage1_row_compares_two_processes_with_one(capsys):
+    from bench import bench_stage1
+
+    [row] = bench_stage1(repeats=1, pairs=16, epochs=1, log=lambda line: None)
+    assert (row.a, row.b, row.meaning) == ("2 processes", "1 process", "examples/s 2 processes/1")
+    assert row.time_a > 0 and row.time_b > 0 and row.ratio == pytest.approx(row.time_b / row.time_a)
