@@ -121,7 +121,8 @@ def test_command_line_reports_a_model_it_cannot_load_in_one_line(pretrain_dir, t
     """The default LLM is the ungated Llama 3 copy; offline and not cached, it fails in one line, naming
     it."""
     code = main(["--data", str(pretrain_dir / "data.json"), "--images", str(pretrain_dir / "images"),
-                 "--out", str(tmp_path / "out"), "--llm", str(tmp_path / "no-such-llm")])
+                 "--out", str(tmp_path / "out"), "--llm", str(tmp_path / "no-such-llm"),
+                 "--global-batch", "8", "--per-device-batch", "4"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert "no-such-llm" in err and not (tmp_path / "out").exists()
