@@ -6,8 +6,8 @@ classes here keep the picture in the first user turn of every prompt and give th
 
 * ``ChatSession`` answers every turn from the whole prompt, so the picture's 729 rows and all earlier
   turns go through the LLM again on each follow-up: the simplest correct thing;
-* ``CachedChat`` keeps the ``DynamicCache`` that ``generate`` filled, so a follow-up only runs the
-  tokens the cache has not seen.
+* ``CachedChat`` keeps the ``DynamicCache`` that ``generate`` filled (on the from-scratch towers: the
+  ``KVCache`` of ``scratch/generate.py``), so a follow-up only runs the tokens the cache has not seen.
 
 Get one with ``LlamaVision.chat(image, tokenizer)`` (``reuse_cache=True`` for the second). Sources: the
 alpha form's chat script (https://huggingface.co/qresearch/llama-3-vision-alpha); transformers' KV cache
@@ -21,8 +21,10 @@ import warnings
 import torch
 
 from .constants import EOT_TOKEN, IMAGE_TOKEN_INDEX
-from .generation import cut_at_stop, generation_kwargs, stop_token_ids
+from .generation import OWN_LOOP, cut_at_stop, generation_kwargs, own_loop, stop_token_ids
 from .prompt import follow_up_segments
+from .scratch.generate import KVCache
+from .scratch.generate import generate as scratch_generate
 from .token_split import prompt_ids
 
 
@@ -97,14 +99,23 @@ class CachedChat(ChatSession):
         special = kwargs.pop("special_tokens_in_text", False)  # as in generate_from_conversations
         kwargs = generation_kwargs(self.tokenizer, kwargs)
         text_model = self.model.text_model
+        own = None if isinstance(self.cache, DynamicCache) else own_loop(text_model, kwargs)
+        if own is None and isinstance(self.cache, KVCache):
+            raise ValueError(f"this chat runs the from-scratch loop, which takes only {sorted(OWN_LOOP)}: "
+                             f"start the chat with {sorted(set(kwargs) - OWN_LOOP)} to use them")
         if self.cache is None:  # turn 1: the picture and the first question
             (ids,), batch = self.model.prepare([[(question, None)]], [self.image], self.tokenizer, special)
             patches = batch.inputs_embeds.shape[1] - len(ids) + 1  # (1, L - 1 + P, hidden): ids hold one -200
-            self.cache = DynamicCache()
-            with _old_cache_name():
-                new = text_model.generate(inputs_embeds=batch.inputs_embeds,  # (n_new,): new tokens only
-                                          attention_mask=batch.attention_mask, past_key_values=self.cache,
-                                          **kwargs)[0]
+            if own is not None:  # the from-scratch towers' own loop, and its cache
+                new, self.cache = scratch_generate(text_model, batch.inputs_embeds, batch.attention_mask,
+                                                   **own)
+                new = new[0]  # (n_new,)
+            else:
+                self.cache = DynamicCache()
+                with _old_cache_name():
+                    new = text_model.generate(inputs_embeds=batch.inputs_embeds,  # (n_new,): new tokens only
+                                              attention_mask=batch.attention_mask, past_key_values=self.cache,
+                                              **kwargs)[0]
             pad = kwargs["pad_token_id"]
             for token_id in ids.tolist():
                 self.sequence.extend([pad] * patches if token_id == IMAGE_TOKEN_INDEX else [token_id])
@@ -117,10 +128,17 @@ class CachedChat(ChatSession):
                                  f"long, but the LLM reads at most {limit}: start a new chat")
             self.sequence += turn
             input_ids = torch.tensor([self.sequence], device=self.model.device)  # (1, T); cached part skipped
-            with _old_cache_name():
-                out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          past_key_values=self.cache, **kwargs)
-            new = out[0, input_ids.shape[1]:]  # (n_new,)
+            if own is not None:
+                uncached = input_ids[:, self.cache.length:]  # (1, new)
+                embeds = text_model.get_input_embeddings()(uncached)  # (1, new, hidden)
+                new, self.cache = scratch_generate(text_model, embeds, torch.ones_like(input_ids),
+                                                   cache=self.cache, prompt_ids=input_ids.cpu(), **own)
+                new = new[0]
+            else:
+                with _old_cache_name():
+                    out = text_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                              past_key_values=self.cache, **kwargs)
+                new = out[0, input_ids.shape[1]:]  # (n_new,)
         new = cut_at_stop(new, self.stops)
         self.sequence += new.tolist()
         if not new.numel() or new[-1].item() not in self.stops:

@@ -81,6 +81,20 @@ def generation_kwargs(tokenizer, overrides):
     return kwargs
 
 
+OWN_LOOP = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "streamer",
+            "eos_token_id", "pad_token_id"}
+
+
+def own_loop(text_model, kwargs):
+    """The keywords for the from-scratch Llama's own decoding loop (``scratch/generate.py``: the same ids,
+    less overhead per token), or None where transformers' ``generate`` runs: other towers, or a keyword the
+    loop does not take (beams, a repetition penalty, ...; ``generate`` drives the scratch towers too)."""
+    from .scratch.llama import LlamaLM
+
+    given = {name: value for name, value in kwargs.items() if value is not None}  # None: the default
+    return given if isinstance(text_model, LlamaLM) and set(given) <= OWN_LOOP else None
+
+
 def cut_at_stop(ids, stops):
     """Keep a row of generated ids up to and including its first stop token (drops batch padding)."""
     for i, token_id in enumerate(ids.tolist()):

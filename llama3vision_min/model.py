@@ -32,9 +32,10 @@ from torch import nn
 from . import loading
 from .constants import IMAGE_TOKEN_INDEX
 from .chat import CachedChat, ChatSession
-from .generation import cut_at_stop, generation_kwargs
+from .generation import cut_at_stop, generation_kwargs, own_loop
 from .image import make_processor, preprocess_images, vision_features
 from .prompt import chat_segments
+from .scratch.generate import generate as scratch_generate
 from .scratch.weights import check_implementation, take_over
 from .splice import process_tensors, splice_batch
 from .token_split import prompt_ids, tokenizer_image_token
@@ -138,9 +139,13 @@ class LlamaVision(nn.Module):
         read); returns one 1-D id tensor per conversation."""
         kwargs = generation_kwargs(tokenizer, generate_kwargs)
         _, batch = self.prepare(conversations, images, tokenizer, special_tokens_in_text)
-        # With only inputs_embeds, generate returns the new tokens alone: (batch, n_new)
-        new_tokens = self.text_model.generate(inputs_embeds=batch.inputs_embeds,
-                                              attention_mask=batch.attention_mask, **kwargs)
+        own = own_loop(self.text_model, kwargs)
+        if own is not None:  # the from-scratch towers' own loop (scratch/generate.py): (batch, n_new)
+            new_tokens, _ = scratch_generate(self.text_model, batch.inputs_embeds, batch.attention_mask,
+                                             **own)
+        else:  # with only inputs_embeds, generate returns the new tokens alone: (batch, n_new)
+            new_tokens = self.text_model.generate(inputs_embeds=batch.inputs_embeds,
+                                                  attention_mask=batch.attention_mask, **kwargs)
         # Rows that stopped early are padded; cut each after the stop ids generate actually used.
         stops = kwargs["eos_token_id"]
         stops = [stops] if isinstance(stops, int) else list(stops or [])

@@ -10,9 +10,9 @@ layer's keys and values, so that generation runs only the new token through the 
 
 The parameters carry transformers' names (``model.layers.N.self_attn.q_proj``, ``lm_head``, ...), so the same
 state dicts load into either, and any module with a ``forward(x)`` serves as a projection (a 4-bit
-``Linear4bit`` too). ``LlamaLM`` is a ``PreTrainedModel`` only so that transformers' ``generate`` loop and
-cache drive it. Written from the Llama 3 paper (arXiv 2407.21783), RoFormer (arXiv 2104.09864), GQA
-(arXiv 2305.13245), GLU variants (arXiv 2002.05202), RMSNorm (arXiv 1910.07467) and Meta's configurations."""
+``Linear4bit`` too). ``LlamaLM`` is a ``PreTrainedModel`` so that transformers' ``generate`` can drive it
+too (our own loop: ``generate.py``). From the Llama 3 paper (arXiv 2407.21783), RoFormer (2104.09864), GQA
+(2305.13245), GLU variants (2002.05202), RMSNorm (1910.07467) and Meta's configurations."""
 
 import dataclasses
 import math
@@ -115,13 +115,13 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # the keys and values of every earlier position, then these
             k, v = cache.update(k, v, self.layer_index)  # (b, 8, past + T, 128)
-        group = self.n_heads // self.n_kv_heads  # each key/value head serves 4 query heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (b, 32, past + T, 128)
+        group = self.n_heads // self.n_kv_heads  # query head h reads key/value head h // group (4 per group)
         if output_attentions:  # the same, written out, to return the weights (llama3vision_min.lens)
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (b, 32, past + T, 128)
             scores = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).masked_fill(~mask, float("-inf"))
             weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # (b, 32, T, past + T)
             return self.o_proj((weights @ v).transpose(1, 2).reshape(batch, length, -1)), weights
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, 32, T, 128)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)  # (b, 32, T, 128)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
 
 

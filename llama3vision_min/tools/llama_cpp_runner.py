@@ -16,9 +16,11 @@ then both read the same pixels.
 """
 
 import base64
+import contextlib
 import ctypes
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,25 @@ def _check_question(question):
         raise ValueError(f"the question must be a str, got {type(question).__name__}")
 
 
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp's vision code writes its progress to the process's own stdout and stderr, whatever
+    ``verbose`` says (in C, and through Python's streams): all sent to /dev/null for the call, so that a
+    notebook shows the answer, not the log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]  # the real stdout and stderr, to put back
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        for fd in (1, 2):  # and below Python, what C writes
+            os.dup2(null.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
+
+
 class LlamaCppVision:
     """``model.gguf`` + ``mmproj.gguf`` from ``folder`` in llama.cpp, with llama-cpp-python's chat handler."""
 
@@ -75,9 +96,11 @@ class LlamaCppVision:
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < rows + 32:
             raise ValueError(f"n_ctx must hold the picture's {rows} rows and a prompt (at least "
                              f"{rows + 32}), got {n_ctx!r}")
-        self.handler = Llama3VisionAlphaChatHandler(clip_model_path=str(folder / VISION_FILE), verbose=False)
-        self.llm = Llama(model_path=str(folder / LLM_FILE), chat_handler=self.handler, n_ctx=n_ctx,
-                         n_threads=n_threads or os.cpu_count(), verbose=False)
+        with _quiet():
+            self.handler = Llama3VisionAlphaChatHandler(clip_model_path=str(folder / VISION_FILE),
+                                                        verbose=False)
+            self.llm = Llama(model_path=str(folder / LLM_FILE), chat_handler=self.handler, n_ctx=n_ctx,
+                             n_threads=n_threads or os.cpu_count(), verbose=False)
 
     def _chat(self, image, question, max_tokens, **kwargs):
         _check_question(question)
@@ -86,8 +109,9 @@ class LlamaCppVision:
         url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
         message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                {"type": "text", "text": question}]}
-        return self.llm.create_chat_completion(messages=[message], temperature=0.0, repeat_penalty=1.0,
-                                               max_tokens=max_tokens, **kwargs)
+        with _quiet():
+            return self.llm.create_chat_completion(messages=[message], temperature=0.0, repeat_penalty=1.0,
+                                                   max_tokens=max_tokens, **kwargs)
 
     def answer(self, image, question, max_tokens=64, **kwargs):
         """llama.cpp's greedy answer, as text (what ``create_chat_completion`` returns)."""

@@ -26,8 +26,9 @@ def test_the_top_level_holds_the_model_and_nothing_else():
     names = [path.stem for path in TOP_LEVEL]
     assert len(names) <= 12, names
     # 1,162 when the layout was made; 1,593 before loading became one strict pass (issue 22), 1,451 after;
-    # 1,518 with issue 23's refusals and locks at the doors they guard (configs, pictures, text, threads)
-    assert sum(lines(path) for path in TOP_LEVEL) <= 1530, "the model's files should stay short"
+    # 1,518 with issue 23's refusals and locks at the doors they guard (configs, pictures, text, threads);
+    # 1,562 with issue 25's choice of the from-scratch towers' own decoding loop (generation, chat, model)
+    assert sum(lines(path) for path in TOP_LEVEL) <= 1565, "the model's files should stay short"
     assert set(PIPELINE) <= set(names), names
     assert {"tools", "training", "miniature"} <= {path.name for path in PACKAGE.iterdir() if path.is_dir()}
 

@@ -65,8 +65,11 @@ def test_the_llama_cpp_rows(capsys):
     from bench import bench_llama_cpp
 
     rows = bench_llama_cpp("mini", repeats=1, warmup=1, new_tokens=16, log=lambda *_: None)
+    decode = "decode tokens/s (16 tokens)"
     assert [(r.comparison, r.a, r.b) for r in rows] == [("time to the first token", "llama.cpp", "ours"),
-                                                        ("decode tokens/s (16 tokens)", "llama.cpp", "ours")]
+                                                        (decode, "llama.cpp", "ours"),
+                                                        (decode, "llama.cpp", "ours-scratch"),
+                                                        (decode, "ours-scratch", "ours")]
     assert all(r.ratio > 0 and r.time_a > 0 and r.time_b > 0 for r in rows)
 
 
