@@ -5,7 +5,7 @@
 * ``llama.py``   -- Llama 3's decoder: RMSNorm, rotary positions (Llama 3.1's scaling too), grouped-query
   attention with a KV cache, SwiGLU, the output head
 * ``weights.py`` -- the same weights into them: from a checkpoint, or around transformers' loaded modules
-* ``generate.py`` -- the decoding loop: prefill once, then a token at a time into a cache allocated once
+* ``generate.py`` -- the decoding loop: prefill once, then a token at a time into a cache allocated ahead
 
 ``LlamaVision.from_pretrained(path, implementation="scratch")``, ``LlamaVision.from_alpha(...,
 implementation="scratch")`` and ``llama3vision_min.load_mini(implementation="scratch")`` give a model whose

@@ -8,8 +8,9 @@ Each step picks the next token as transformers' ``generate`` does for greedy and
 utils.py): the stop tokens barred until ``min_new_tokens``, then temperature, top-k and top-p in that order,
 then ``argmax`` or one ``torch.multinomial`` draw -- so the same weights and seed give the same ids. What it
 leaves out is what makes ``generate`` general: its logits-processor objects, stopping criteria, a cache object
-that grows by concatenation, and the inputs rebuilt at every step. Here the cache is allocated once, the mask
-and the rotary angles are computed once for every position, and a decode step runs only the layers
+that grows by concatenation, and the inputs rebuilt at every step. Here the cache is allocated ahead and
+written in place, the mask and the rotary angles are computed once for every position, and a decode step runs
+only the layers
 (as nanoGPT's ``generate``, https://github.com/karpathy/nanoGPT/blob/master/model.py, and nanoVLM's
 prefill-then-decode, https://github.com/huggingface/nanoVLM/blob/main/models/language_model.py).
 """
@@ -18,11 +19,11 @@ import torch
 
 
 class KVCache:
-    """Every layer's keys and values, in tensors allocated once: (batch, kv_heads, capacity, head_dim).
+    """Every layer's keys and values, in tensors allocated ahead: (batch, kv_heads, capacity, head_dim).
 
     ``length`` positions are filled; ``update`` writes the next ones and returns the filled part, as
     transformers' ``DynamicCache.update`` returns its concatenation (the attention sees the same tensors).
-    Past ``capacity`` (a chat's next turn) the tensors are reallocated, twice as long."""
+    Past ``capacity`` (a long answer, a chat's next turn) the tensors are reallocated, twice as long."""
 
     def __init__(self, config, batch, capacity, dtype, device):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -42,7 +43,7 @@ class KVCache:
 
     def update(self, k, v, layer_index):
         start, end = self.length, self.length + k.shape[2]
-        if end > self.keys[layer_index].shape[2]:  # once per chat turn at most, never per token
+        if end > self.keys[layer_index].shape[2]:  # a doubling: a few times per answer at most
             self._grow(end)
         self.keys[layer_index][:, :, start:end] = k  # (b, 8, new, 128), written in place
         self.values[layer_index][:, :, start:end] = v
@@ -85,8 +86,9 @@ def generate(lm, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pa
     decoder, batch, length = lm.model, inputs_embeds.shape[0], inputs_embeds.shape[1]
     device = inputs_embeds.device
     stops = torch.tensor(eos_token_id, device=device).reshape(-1)  # (n_stops,)
-    if cache is None:
-        cache = KVCache(lm.config, batch, length + max_new_tokens, inputs_embeds.dtype, device)
+    if cache is None:  # room for the prompt and 128 new tokens; a longer answer doubles it (rarely: 2000 is
+        # the default limit, and 2743 positions of Llama-3-8B in float16 would hold 360 MB per picture)
+        cache = KVCache(lm.config, batch, length + min(max_new_tokens, 128), inputs_embeds.dtype, device)
     past, total = cache.length, cache.length + length + max_new_tokens
     mask = torch.ones(batch, total, dtype=torch.long, device=device)  # grows by one position per step
     mask[:, : past + length] = attention_mask

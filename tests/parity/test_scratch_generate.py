@@ -195,3 +195,13 @@ def test_the_kv_cache_grows_and_keeps_what_it_held():
         keys, values = cache.update(k + 1, v + 1, layer)
         assert torch.equal(keys, torch.cat([k, k + 1], 2)) and torch.equal(values, torch.cat([v, v + 1], 2))
     assert cache.length == 4 and cache.keys[0].shape[2] == 6
+
+
+def test_an_answer_longer_than_the_first_allocation_grows_the_cache(tiny_model):
+    """The cache starts with room for 128 new tokens (2000 is the default limit: allocating for all of it
+    would hold 360 MB per picture at Llama-3-8B's size); 200 forced tokens grow it mid-answer."""
+    model, tokenizer = tiny_model
+    images, settings = [make_image(seed=5)], dict(do_sample=False, max_new_tokens=200, min_new_tokens=200)
+    ours = model.answer_questions(images, ["what is this?"], tokenizer, **settings)
+    assert len(ours[0]) == 200
+    same(ours, theirs(model, tokenizer, images, ["what is this?"], **settings))
