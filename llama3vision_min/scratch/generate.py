@@ -86,8 +86,8 @@ def generate(lm, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pa
     decoder, batch, length = lm.model, inputs_embeds.shape[0], inputs_embeds.shape[1]
     device = inputs_embeds.device
     stops = torch.tensor(eos_token_id, device=device).reshape(-1)  # (n_stops,)
-    if cache is None:  # room for the prompt and 128 new tokens; a longer answer doubles it (rarely: 2000 is
-        # the default limit, and 2743 positions of Llama-3-8B in float16 would hold 360 MB per picture)
+    if cache is None:  # room for the prompt and 128 new tokens, doubled if an answer runs longer: room for
+        # the default limit of 2000 would take 360 MB per picture at Llama-3-8B's size in float16
         cache = KVCache(lm.config, batch, length + min(max_new_tokens, 128), inputs_embeds.dtype, device)
     past, total = cache.length, cache.length + length + max_new_tokens
     mask = torch.ones(batch, total, dtype=torch.long, device=device)  # grows by one position per step
